@@ -282,15 +282,17 @@ class KVCache:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = None  # if set, attend only to the first `length` slots (the sampler's bound)
+        self.rows = batch_size  # rows in use: the sampler shrinks the batch as completions finish
+        self.length = None      # if set, attend only to the first `length` slots (the sampler's bound)
 
     def update(self, layer, positions, k, v):
         """Write k, v (B, Hkv, T, D) at positions (B, T); return the visible slice (B, Hkv, L, D)."""
         index = positions[:, None, :, None].expand_as(k)               # (B, Hkv, T, D)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        L = self.length or self.k.shape[3]
-        return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
+        keys, values = self.k[layer, :self.rows], self.v[layer, :self.rows]
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        L = self.length or keys.shape[2]
+        return keys[:, :, :L], values[:, :, :L]
 
     def copy_rows(self, src_row, dst_rows, length):
         """Copy one row's first `length` positions to other rows (prefill once, sample n times)."""

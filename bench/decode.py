@@ -1,0 +1,105 @@
+"""Decoding speed: our sampler vs transformers' generate on the same model, machine and run.
+
+    python bench/decode.py                      # SmolLM2-135M-Instruct, float32 and bfloat16
+    python bench/decode.py --model DIR --dtypes bfloat16 --new-tokens 128 --repeats 5
+
+Two workloads, each forced to write exactly --new-tokens tokens (stop tokens ignored): batch 1
+greedy, and 16 samples of one prompt at T=0.6. Runs alternate between us and transformers and
+the median of --repeats is reported. Also prints the memory-bandwidth bound of batch 1 (every
+weight byte read once per token, at the copy bandwidth measured here) and our fraction of it.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sample import LocalSampler, Request, SamplingParams  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Explain, step by step, why the sum of two odd numbers is even."}]
+
+
+def copy_bandwidth(device, nbytes=256 << 20, repeats=5):
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ours(sampler, n, new_tokens, temperature):
+    reqs = [Request(messages=PROMPT, seed=s) for s in range(n)]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_p=1.0)
+    sync(sampler.device)
+    t = time.perf_counter()
+    total = sum(c.num_tokens for _, c in sampler.generate(reqs, params))
+    sync(sampler.device)
+    return total / (time.perf_counter() - t)
+
+
+def theirs(hf, ids, n, new_tokens, temperature):
+    kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    sync(ids.device)
+    t = time.perf_counter()
+    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_return_sequences=n,
+                      pad_token_id=0, **kw)
+    sync(ids.device)
+    return (out.shape[0] * (out.shape[1] - ids.shape[1])) / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    import transformers
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(0)
+    bw = copy_bandwidth(device)
+    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{'dtype':9} {'workload':22} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}")
+    for dtype in args.dtypes.split(","):
+        sampler = LocalSampler(args.model, device=device, dtype=dtype, batch_size=args.samples)
+        sampler.stop_ids = set()  # write exactly new_tokens tokens, like min_new_tokens does for transformers
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).to(device).eval()
+        ids = torch.tensor([sampler.prompt_ids(Request(messages=PROMPT))], device=device)
+        # bytes read per decoded token: every matrix once, the embedding table only one row (ignored)
+        weight_bytes = sum(t.numel() * t.element_size() for k, t in sampler.model.named_parameters(remove_duplicate=False)
+                           if k != "model.embed_tokens.weight")
+        results = {}
+        for name, n, temp in (("batch 1 greedy", 1, 0.0), (f"{args.samples} samples T=0.6", args.samples, 0.6)):
+            ours(sampler, n, 16, temp), theirs(hf, ids, n, 16, temp)  # warm up
+            a, b = [], []
+            for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
+                a.append(ours(sampler, n, args.new_tokens, temp))
+                b.append(theirs(hf, ids, n, args.new_tokens, temp))
+            results[name] = statistics.median(a)
+            print(f"{dtype:9} {name:22} {results[name]:11.1f} {statistics.median(b):10.1f} "
+                  f"{results[name] / statistics.median(b):5.2f}x")
+        bound = bw / weight_bytes
+        b1 = results["batch 1 greedy"]
+        print(f"{dtype:9} batch-1 bandwidth bound {bound:.1f} tok/s ({weight_bytes / 1e6:.0f} MB of weights per token): "
+              f"ours reaches {b1 / bound:.0%}; {args.samples} samples = {results[f'{args.samples} samples T=0.6'] / b1:.1f}x our batch 1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,520 @@
+"""Sampling from a local model folder or an OpenAI-compatible endpoint, behind one interface.
+
+    python sample.py --model checkpoints/smollm2-135m-instruct --chat --prompt "What is 7*8?"
+
+(Skeleton: the shared interface. The local decoder and the endpoint client are filled in below.)
+"""
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model import KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 1024
+    temperature: float = 0.6        # 0 means greedy (argmax)
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 means off
+    min_p: float = 0.0
+    max_think_tokens: int | None = None   # s1 budget forcing: force "</think>" after N thinking tokens
+    min_think_tokens: int | None = None   # replace an earlier "</think>" with "Wait"
+
+
+@dataclass
+class Request:
+    """One completion to produce. Exactly one of messages (chat, rendered with the model's
+    template) or prompt (raw text, no template) is set. seed makes the completion reproducible
+    on its own, whatever else shares its batch."""
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str                       # what the model wrote (for local reasoning models this includes <think>...</think>)
+    num_tokens: int                 # completion tokens
+    finish_reason: str              # "stop" (stop token / end of turn) or "length" (hit max_new_tokens)
+    reasoning: str | None = None    # endpoint only: reasoning_content / reasoning when the server returns it
+    usage: dict = field(default_factory=dict)   # endpoint usage object as returned (incl. reasoning_tokens)
+    token_ids: list[int] | None = None          # local only: the generated ids, stop token included
+
+
+# ---- Local model: prefill, decode one token, decode many ----
+
+def sample_token(logits, params, generators):
+    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise restrict to
+    top-k / top-p / min-p, then draw with the exponential race (argmax of p / E, E ~ Exp(1)), which is
+    an exact categorical sample. Each row's noise comes from its own generator, so a row's tokens
+    depend only on its seed, never on which other rows share the batch."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)                                                          # (B, V)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0)
+    if params.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)                               # (B, V)
+        outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p                         # mass before it already enough
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0))
+    noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
+                         for g in generators])                                          # (B, V)
+    return (probs / noise).argmax(-1)
+
+
+class Row:
+    """One completion in flight: which request, its random stream, what it has written so far."""
+    def __init__(self, index, request, prompt_len, device):
+        self.index, self.prompt_len = index, prompt_len
+        self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.tokens = []          # generated ids, forced ones included
+        self.forced = []          # ids to emit next instead of sampling (budget forcing)
+        self.thinking = True      # until "</think>" appears; budgets count the tokens before it
+
+    @property
+    def position(self):  # where the next token's key and value go in the cache
+        return self.prompt_len + len(self.tokens)
+
+
+class LocalSampler:
+    """Batched decoding of a model folder with a preallocated KV cache. Requests that share a prompt
+    share one prefill (its cache is copied to their rows). Finished rows are refilled with waiting
+    requests; when none are left, the batch shrinks, so no compute goes to finished rows."""
+
+    def __init__(self, model_dir, device="auto", dtype="auto", batch_size=64, compile=False):
+        from model import Tokenizer, load_model, pick_device, pick_dtype
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model_dir, self.batch_size = Path(model_dir), batch_size
+        self.model = load_model(model_dir, self.device, self.dtype).eval()
+        self.tok = Tokenizer(model_dir)
+        self.stop_ids = set(self.tok.stop_ids)
+        self.think_end = self.tok.encode("</think>")
+        self.decode_step = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.compile = compile
+
+    def describe(self):
+        manifest = self.model_dir / "run.json"
+        return {"kind": "local", "model": str(self.model_dir.resolve()), "device": self.device,
+                "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size,
+                "manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
+
+    def prompt_ids(self, request):
+        if (request.messages is None) == (request.prompt is None):
+            raise ValueError("a Request needs exactly one of messages or prompt")
+        ids = self.tok.render(request.messages, add_generation_prompt=True)[0] if request.messages else self.tok.encode(request.prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        limit = self.model.config.max_position_embeddings
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+        return ids
+
+    @torch.no_grad()
+    def generate(self, requests, params, on_token=None):
+        """Yield (index, Completion) as each request finishes. on_token(index, token_id) streams."""
+        prompts = [self.prompt_ids(r) for r in requests]
+        if params.min_think_tokens is not None and len(self.think_end) != 1:
+            raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
+        limit = self.model.config.max_position_embeddings
+        max_len = min(limit, max(map(len, prompts)) + params.max_new_tokens)
+        groups = {}  # identical prompts prefill once
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(i)
+        waiting = list(groups.items())
+        B = min(self.batch_size, len(requests))
+        cache = KVCache(self.model.config, B, max_len, self.device, self.dtype)
+        rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
+        started, total = time.perf_counter(), 0
+        while waiting or rows:
+            # refill free slots with waiting prompts: one prefill each, copied to its rows
+            while waiting and len(rows) < B:
+                prompt, indices = waiting[0]
+                take, rest = indices[:B - len(rows)], indices[B - len(rows):]
+                if rest:
+                    waiting[0] = (prompt, rest)
+                else:
+                    waiting.pop(0)
+                first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
+                rows += [Row(i, requests[i], len(prompt), self.device) for i in take]
+                logits = torch.cat([logits, first.expand(len(take), -1)])
+            tokens = self.choose(rows, logits, params)
+            total += len(rows)
+            done = []
+            for slot, (row, t) in enumerate(zip(rows, tokens)):
+                row.tokens.append(t)
+                if on_token:
+                    on_token(row.index, t)
+                if row.thinking and row.tokens[-len(self.think_end):] == self.think_end:
+                    row.thinking = False
+                if t in self.stop_ids and not row.forced:
+                    done.append((slot, "stop"))
+                elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
+                    done.append((slot, "length"))
+            for slot, reason in reversed(done):  # finished rows leave; the last row moves into the gap
+                row = rows[slot]
+                yield row.index, self.completion(row, reason)
+                last = len(rows) - 1
+                if slot != last:
+                    cache.copy_rows(last, [slot], rows[last].position)
+                    rows[slot] = rows[last]
+                rows.pop()
+            if not rows:
+                logits = logits[:0]
+                continue
+            ids = [r.tokens[-1] for r in rows]
+            positions = [r.position - 1 for r in rows]
+            if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
+                ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
+                cache.rows, cache.length = B, None
+            else:
+                cache.rows, cache.length = len(rows), max(positions) + 1
+            ids = torch.tensor(ids, device=self.device)[:, None]                        # (B, 1)
+            positions = torch.tensor(positions, device=self.device)[:, None]            # (B, 1)
+            logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
+        self.tokens_per_second = total / max(time.perf_counter() - started, 1e-9)
+
+    def prefill(self, prompt, cache, slot, n):
+        """Run the prompt once into a scratch cache, copy it to rows slot..slot+n-1. -> logits (V,)"""
+        scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
+        ids = torch.tensor([prompt], device=self.device)                                 # (1, P)
+        logits = self.model(ids, cache=scratch, positions=torch.arange(len(prompt), device=self.device)[None])
+        P = len(prompt)
+        cache.k[:, slot:slot + n, :, :P] = scratch.k
+        cache.v[:, slot:slot + n, :, :P] = scratch.v
+        return logits[0, -1].float()
+
+    def choose(self, rows, logits, params):
+        """Sample one token per row, then apply budget forcing (s1): past max_think_tokens the row
+        is made to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking
+        is what a row writes before its first "</think>" (prompts that open "<think>" count as such)."""
+        sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
+        out = []
+        for row, t in zip(rows, sampled):
+            n_think = len(row.tokens)
+            if row.forced:
+                t = row.forced.pop(0)
+            elif row.thinking and params.max_think_tokens is not None and n_think >= params.max_think_tokens:
+                row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
+                t = row.forced.pop(0)
+            elif (row.thinking and params.min_think_tokens is not None and n_think < params.min_think_tokens
+                  and [t] == self.think_end):
+                row.forced = self.tok.encode("Wait")
+                t = row.forced.pop(0)
+            out.append(t)
+        return out
+
+    def completion(self, row, reason):
+        ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
+        return Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
+                          token_ids=row.tokens)
+
+
+ANSWER_CUE = "Final Answer: "  # what budget forcing appends after "</think>" (s1 uses the same cue)
+
+
+
+# ---- OpenAI-compatible endpoint ----
+# The same generate/describe interface over any server that speaks the chat-completions protocol
+# (OpenAI, DeepSeek, vLLM, SGLang, llama.cpp). Standard library only: urllib + a thread pool.
+# (Imports kept with the section so it stays self-contained; hoist them if you prefer.)
+import json
+import os
+import random
+import time
+import http.client
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+RETRY_STATUSES = {408, 409, 429}          # plus every 5xx
+
+
+class EndpointError(Exception):
+    """A request that failed for good: a non-retryable status, or retries exhausted.
+    status is the HTTP status (None for connection errors / timeouts / a malformed reply)."""
+
+    def __init__(self, message, status=None, attempts=1):
+        super().__init__(message)
+        self.status, self.message, self.attempts = status, message, attempts
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth retrying; delay is the server's Retry-After, if any."""
+
+    def __init__(self, message, status=None, delay=None):
+        super().__init__(message)
+        self.status, self.delay = status, delay
+
+
+class EndpointSampler:
+    """Chat completions from an OpenAI-compatible endpoint, at most `concurrency` requests in flight.
+
+    A Request with `prompt` (raw text) is sent as a single user message: chat endpoints have no
+    template-free mode. o-series models (o1/o3/o4...) get max_completion_tokens, no temperature /
+    top_p / top_k, and any system message folded into the first user turn, because they reject those.
+    Connection errors, timeouts, 408/409/429 and 5xx are retried with exponential backoff and jitter
+    (or after the server's Retry-After) up to max_attempts; any other status fails at once with an
+    EndpointError carrying the server's message. The API key is read once from the environment
+    variable `api_key_env`; without it no Authorization header is sent (fine for local servers).
+    It is never put in an error message: a server that echoes it back has it scrubbed."""
+
+    def __init__(self, base_url, api_model, concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0,
+                 max_attempts=6, backoff=1.0, max_backoff=60.0, o_series=None):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url, self.api_model = base_url, api_model
+        self.concurrency, self.timeout = concurrency, timeout
+        self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
+        self.o_series = api_model.startswith(("o1", "o3", "o4")) if o_series is None else o_series
+        self.api_key_env = api_key_env
+        self._key = os.environ.get(api_key_env) or None
+
+    def describe(self):
+        return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model,
+                "o_series": self.o_series, "concurrency": self.concurrency, "timeout": self.timeout,
+                "max_attempts": self.max_attempts, "api_key_env": self.api_key_env}
+
+    def generate(self, requests, params, errors="raise"):
+        """Yield (index, Completion) as each request finishes, in any order. With errors="yield",
+        a request that failed for good yields (index, EndpointError) instead of raising."""
+        assert errors in ("raise", "yield")
+        if params.max_think_tokens is not None or params.min_think_tokens is not None:
+            raise ValueError("thinking budgets need token-level control: local models only")
+        todo = iter(enumerate(requests))
+        pool = ThreadPoolExecutor(self.concurrency)
+        pending = {}
+        try:
+            while True:
+                # Submit lazily, never more than `concurrency` ahead: a caller that stops early
+                # (budget reached, Ctrl-C) leaves no queue of requests still to be paid for.
+                for i, req in todo:
+                    pending[pool.submit(self._complete, req, params)] = i
+                    if len(pending) >= self.concurrency:
+                        break
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    try:
+                        yield i, fut.result()
+                    except EndpointError as e:
+                        if errors == "raise":
+                            raise
+                        yield i, e
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _payload(self, req, params):
+        if req.messages is not None:
+            messages = [dict(m) for m in req.messages]
+        else:
+            messages = [{"role": "user", "content": req.prompt}]
+        body = {"model": self.api_model, "messages": messages, "seed": req.seed}
+        if self.o_series:
+            body["messages"] = _fold_system(messages)
+            body["max_completion_tokens"] = params.max_new_tokens
+            return body
+        body.update(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p)
+        if params.top_k > 0:                      # not OpenAI; vLLM / SGLang accept it as an extra field
+            body["top_k"] = params.top_k
+        if params.min_p > 0:
+            body["min_p"] = params.min_p
+        return body
+
+    def _complete(self, req, params):
+        """One request with retries: exponential backoff with jitter, or the server's Retry-After."""
+        payload = json.dumps(self._payload(req, params)).encode()
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return _parse(self._post(payload))
+            except _Retry as e:
+                if attempt == self.max_attempts:
+                    raise EndpointError(f"gave up after {attempt} attempts: {e}", e.status, attempt) from None
+                delay = e.delay if e.delay is not None else \
+                    min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                time.sleep(delay)
+            except EndpointError as e:
+                e.attempts = attempt
+                raise
+
+    def _post(self, payload):
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            message = self._scrub(_error_message(e))
+            if e.code in RETRY_STATUSES or e.code >= 500:
+                raise _Retry(f"HTTP {e.code}: {message}", e.code, _retry_after(e.headers)) from None
+            raise EndpointError(f"HTTP {e.code} from {self.url}: {message}", e.code) from None
+        except (OSError, http.client.HTTPException) as e:
+            # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
+            raise _Retry(self._scrub(f"{type(e).__name__}: {e}")) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise EndpointError(f"malformed JSON from {self.url}: {self._scrub(raw[:200].decode(errors='replace'))}",
+                                200) from None
+
+    def _scrub(self, text):
+        return text.replace(self._key, "[api key]") if self._key else text
+
+
+def _fold_system(messages):
+    """o-series reject system messages: prepend their text to the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    if system:
+        for m in rest:
+            if m["role"] == "user":
+                m["content"] = f"{system}\n\n{m['content']}"
+                break
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
+def _parse(reply):
+    """A chat-completions reply -> Completion. Reasoning comes from reasoning_content (DeepSeek, vLLM)
+    or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
+    try:
+        choice = reply["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise EndpointError(f"reply without choices[0].message: {str(reply)[:200]}", 200) from None
+    usage = reply.get("usage") or {}
+    return Completion(text=message.get("content") or "",
+                      num_tokens=int(usage.get("completion_tokens") or 0),
+                      finish_reason=choice.get("finish_reason") or "unknown",
+                      reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
+                      usage=usage)
+
+
+def _error_message(e):
+    """The server's own error text: {"error": {"message": ...}} in OpenAI's format, else the raw body."""
+    try:
+        raw = e.read().decode(errors="replace")
+    except OSError:
+        return e.reason or ""
+    try:
+        err = json.loads(raw).get("error", raw)
+        return err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        return raw[:500]
+
+
+def _retry_after(headers):
+    """Retry-After in seconds (the HTTP-date form is ignored: backoff applies instead)."""
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (TypeError, ValueError):
+        return None
+
+
+# ---- One interface, and the command line ----
+
+def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype="auto", batch_size=64,
+                 concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0, compile=False):
+    """A LocalSampler for a model folder, or an EndpointSampler for an OpenAI-compatible URL."""
+    if (model is None) == (base_url is None):
+        raise ValueError("give exactly one of a model folder (--model) or an endpoint (--base-url)")
+    if base_url is not None:
+        if not api_model:
+            raise ValueError("--base-url needs --api-model (the model name the server expects)")
+        return EndpointSampler(base_url, api_model, concurrency=concurrency, api_key_env=api_key_env, timeout=timeout)
+    return LocalSampler(model, device=device, dtype=dtype, batch_size=batch_size, compile=compile)
+
+
+def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
+    """The flags every script that samples shares (sample.py, eval_aime.py, distill.py)."""
+    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="completion length limit")
+    p.add_argument("--max-think-tokens", type=int, help="force '</think>' + an answer cue after N thinking tokens")
+    p.add_argument("--min-think-tokens", type=int, help="replace an earlier '</think>' with 'Wait'")
+    p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local models)")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", help="model name at the endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoints)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (endpoints)")
+
+
+def sampling_params(args):
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, max_think_tokens=args.max_think_tokens,
+                          min_think_tokens=args.min_think_tokens)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Sample completions from a model folder or an OpenAI-compatible endpoint.")
+    p.add_argument("--model", help="model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes)")
+    add_sampling_args(p)
+    args = p.parse_args(argv)
+    if not args.prompt.strip():
+        p.error("--prompt is empty")
+    if args.model is None and args.base_url is None:
+        p.error("give --model DIR or --base-url URL --api-model NAME")
+    try:
+        sampler = make_sampler(args.model, args.base_url, args.api_model, args.device, args.dtype, args.batch_size,
+                               args.concurrency, args.api_key_env, args.timeout, args.compile)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    chat = args.chat or args.base_url is not None
+    requests = [Request(messages=[{"role": "user", "content": args.prompt}] if chat else None,
+                        prompt=None if chat else args.prompt, seed=args.seed + j) for j in range(args.num_samples)]
+    params = sampling_params(args)
+    stream = not args.json and args.num_samples == 1 and args.temperature == 0 and args.base_url is None
+    shown = []
+    def on_token(i, t):  # print the text as it grows; decode the whole tail so multi-byte characters come out whole
+        if t in sampler.stop_ids:
+            return
+        shown.append(t)
+        text = sampler.tok.decode(shown)
+        if not text.endswith("\ufffd"):
+            print(text[on_token.printed:], end="", flush=True)
+            on_token.printed = len(text)
+    on_token.printed = 0
+    started, tokens = time.perf_counter(), 0
+    try:
+        results = sampler.generate(requests, params, on_token=on_token) if stream else sampler.generate(requests, params)
+        for i, c in sorted(results, key=lambda r: r[0]) if not stream else results:
+            tokens += c.num_tokens
+            if args.json:
+                print(json.dumps({"index": i, "text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}))
+            elif stream:
+                print()
+            else:
+                print(f"--- completion {i} ({c.num_tokens} tokens, {c.finish_reason})\n{c.text}")
+    except (ValueError, EndpointError) as e:
+        sys.exit(f"error: {e}")
+    seconds = time.perf_counter() - started
+    print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
