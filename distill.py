@@ -1,0 +1,532 @@
+"""Distill long chains of thought: problems -> teacher -> graded, decontaminated JSONL traces for sft.py.
+
+    # a reasoning model behind any OpenAI-compatible endpoint (key from $OPENAI_API_KEY, or --api-key-env)
+    D=../shared/data
+    python distill.py --problems $D/aime_historical.jsonl --teacher https://api.deepseek.com/v1 \\
+        --api-model deepseek-reasoner --api-key-env DEEPSEEK_API_KEY --samples-per-problem 4 \\
+        --decontaminate $D/aime24.jsonl $D/aime25.jsonl $D/amc23.jsonl $D/math500.jsonl --out runs/traces.jsonl
+    # a local model folder as the teacher (batched decoding through sample.py)
+    python distill.py --problems problems.jsonl --teacher checkpoints/MODEL --out runs/traces.jsonl
+    # then
+    python sft.py --data runs/traces.jsonl
+
+The teacher gets the user turn that sft.py trains on and eval_aime.py scores with (the problem, then
+"Please reason step by step, and put your final answer within \\boxed{}."). Each answer it returns is
+split into thinking (the server's reasoning_content / reasoning field, else the text inside
+<think>...</think>, also when only </think> appears because the template opened <think> in the prompt)
+and solution (the rest), then graded: the integer in the solution's last \\boxed{} against the gold answer.
+
+Files, all next to --out:
+  <out>                  accepted traces {"id", "problem", "answer", "thinking", "solution", ...}: what
+                         `sft.py --data` reads; its assistant turn is
+                         "<think>\\n{thinking}\\n</think>\\n\\n{solution}"
+  <out>.rejected.jsonl   every other answer, with the filters it failed in "flags": paid for, so never dropped
+  <out>.errors.jsonl     requests that failed for good (retries exhausted, or a 4xx that retrying cannot fix)
+  <out>.run.json         the configuration, the teacher, the skipped problems, counts, and the run manifest
+With --keep-all, <out> holds every answer (flags set, "accepted" false) and there is no rejected file.
+
+Filters, each counted in the report: duplicate problems (same normalized text) and problems that
+overlap a --decontaminate problem in word 8-grams (see contamination()) are never sent; answers cut
+at --max-tokens (finish_reason "length"), with a <think> never closed, with no visible thinking,
+without a boxed integer, or with the wrong integer (rejection sampling) are rejected.
+
+Crash safety and resume: every answer is appended as one line, flushed and fsync'd as it arrives.
+Rerunning the same command repairs a line torn by a kill, skips every sample already in <out> or the
+rejected file, and asks only for the rest: nothing is paid for twice, nothing paid for is lost (except
+requests in flight at the moment of a kill). A truncated answer is not asked again unless --max-tokens
+grows. A failed request is not "done": each rerun tries it once more (with the full retry policy).
+Ctrl-C (or SIGTERM) stops sending and waits for the requests in flight; a second one aborts. The exit
+status is 0 when every planned answer is saved (or --max-total-tokens stopped the run), else 1.
+
+What it is not: a general grader (answers are integers compared by equality, as in eval_aime.py), a
+rate-limit scheduler (retries and Retry-After are sample.py's), or a cost estimator (--max-total-tokens
+counts tokens, whatever they cost).
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+import model
+import sample
+from eval_aime import (PROMPT_SUFFIX, extract_answer, load_problems, model_fingerprint, read_records, sample_seed,
+                       user_prompt)
+from sample import EndpointError, Request, SamplingParams
+
+NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
+MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem's 8-grams: 0 = any shared 8-gram
+
+# Filters in the order they are checked; a rejected answer lists every one it fails.
+FILTERS = {
+    "contaminated": "overlaps a --decontaminate problem",   # only sent with --keep-all
+    "truncated": "cut at --max-tokens (finish_reason length)",
+    "unclosed_think": "<think> never closed",
+    "no_thinking": "no visible thinking",
+    "no_answer": "no boxed integer in the solution",
+    "wrong": "wrong answer",
+}
+
+
+# ---- problems: duplicates and contamination, decided before anything is paid for ----
+
+def normalize(text):
+    """Text as compared for duplicates and contamination: lowercase, LaTeX commands (\\frac, \\dfrac,
+    \\left) removed, punctuation and math symbols turned into spaces, whitespace collapsed. Digits
+    stay: they are what tells two otherwise identical problems apart."""
+    text = re.sub(r"\\[a-zA-Z]+", " ", text.lower())
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+def ngrams(words, n=NGRAM):
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def load_references(paths):
+    """Evaluation sets -> ({8-gram: {"file:id", ...}}, {"file:id": its number of 8-grams},
+    {normalized text: "file:id"}). Rows need only a problem text (problem / question); answers may be
+    anything (MATH-500's are LaTeX)."""
+    owners, sizes, texts = {}, {}, {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = next(row[k] for k in ("problem", "question", "Problem", "Question") if k in row)
+                    assert isinstance(text, str)
+                except (ValueError, StopIteration, AssertionError, TypeError):
+                    raise SystemExit(f"distill.py: {path}:{lineno}: not a JSON object with a problem text") from None
+                where = f"{Path(path).name}:{row.get('id', row.get('unique_id', f'line-{lineno}'))}"
+                words = normalize(text).split()
+                texts.setdefault(" ".join(words), where)
+                sizes[where] = len(ngrams(words))
+                for g in ngrams(words):
+                    owners.setdefault(g, set()).add(where)
+    return owners, sizes, texts
+
+
+def contamination(text, references, min_overlap=MIN_OVERLAP):
+    """{"matches": "file:id", "overlap", "ngram"} if the problem is an evaluation problem, else None.
+
+    Contaminated, by default: it shares any word 8-gram with a reference problem (the usual rule, and
+    the safe side: a false positive costs a training problem, a false negative a score). It is strict
+    for competition problems, whose phrasing survives normalization ("where m and n are relatively
+    prime positive integers find m n"): on aime_historical.jsonl against aime24/aime25/amc23/math500 it
+    flags 343 of 919 problems, of which 9 are the same problem. --min-overlap 0.3 (shared 8-grams at
+    least 30% of the shorter problem's) flags 15 there: those 9 (7 near-verbatim in MATH-500; the
+    lowest, a MATH rewording, at 0.43) and 6 that share only phrasing. run.json lists every match with
+    its overlap and one shared 8-gram, to audit.
+    A problem shorter than 8 words has no 8-gram: it must equal a reference problem to match."""
+    owners, sizes, texts = references
+    words = normalize(text).split()
+    grams = ngrams(words)
+    if not grams:
+        hit = texts.get(" ".join(words))
+        return {"matches": hit, "overlap": 1.0, "ngram": " ".join(words)} if hit else None
+    shared = Counter(ref for g in grams for ref in owners.get(g, ()))
+    for ref, n in shared.most_common():
+        overlap = n / min(len(grams), sizes[ref])
+        if overlap > min_overlap or (min_overlap > 0 and overlap >= min_overlap):
+            ngram = next(" ".join(g) for g in grams if ref in owners.get(g, ()))
+            return {"matches": ref, "overlap": round(overlap, 3), "ngram": ngram}
+    return None
+
+
+def screen(problems, references, min_overlap=MIN_OVERLAP):
+    """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated)."""
+    keep, duplicates, contaminated, first = [], [], [], {}
+    for p in problems:
+        key = normalize(p["problem"])
+        if key in first:
+            duplicates.append({"id": p["id"], "duplicate_of": first[key]})
+            continue
+        first[key] = p["id"]
+        hit = contamination(p["problem"], references, min_overlap) if references else None
+        if hit:
+            contaminated.append({"id": p["id"], **hit})
+        keep.append({**p, "contaminated": hit and hit["matches"]})
+    return keep, duplicates, contaminated
+
+
+# ---- one teacher answer -> one trace row ----
+
+def sample_id(problem, k):
+    """Stable across runs, machines and problem-file order: hash of the problem text (whitespace
+    collapsed) and the sample index. Resume and the crash tests key on it."""
+    return hashlib.sha256(f"{' '.join(problem.split())}\n{k}".encode()).hexdigest()[:16]
+
+
+def split_reasoning(c):
+    """Completion -> (thinking, solution, where the thinking came from, whether it was closed)."""
+    if c.reasoning and c.reasoning.strip():            # DeepSeek / vLLM / SGLang reasoning parsers
+        return c.reasoning.strip(), c.text.strip(), "field", True
+    if "</think>" in c.text:                           # last one, as eval_aime.extract_answer reads it
+        thinking, solution = c.text.rsplit("</think>", 1)
+        thinking = thinking.split("<think>", 1)[-1]    # no <think> when the template put it in the prompt
+        return thinking.strip(), solution.strip(), "tags", True
+    if "<think>" in c.text:                            # stopped (or was cut) while still thinking
+        return c.text.split("<think>", 1)[1].strip(), "", "tags", False
+    return "", c.text.strip(), "none", True            # a plain answer, or o-series (reasoning hidden)
+
+
+def seed_of(args, p, k):
+    """The request seed of sample k of problem p (servers that take a seed reproduce the answer)."""
+    return sample_seed(args.seed, sample_id(p["problem"], 0), k)
+
+
+def make_record(p, k, seed, c, params, teacher, plain_ok=False):
+    thinking, solution, source, closed = split_reasoning(c)
+    extracted = extract_answer(solution) if closed else None
+    flags = [name for name, failed in [
+        ("contaminated", bool(p["contaminated"])),
+        ("truncated", c.finish_reason == "length"),
+        ("unclosed_think", not closed),
+        ("no_thinking", closed and not thinking and not plain_ok),
+        ("no_answer", extracted is None),
+        ("wrong", extracted is not None and extracted != p["answer"]),
+    ] if failed]
+    details = c.usage.get("completion_tokens_details") or {}
+    return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
+            "problem": p["problem"], "answer": p["answer"], "thinking": thinking, "solution": solution,
+            "extracted": extracted, "correct": extracted == p["answer"], "accepted": not flags, "flags": flags,
+            "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+            "reasoning_tokens": details.get("reasoning_tokens"),
+            # o-series bill for reasoning they never show: say so instead of passing off the answer as a chain
+            "reasoning_visible": bool(thinking), "reasoning_source": source,
+            "contaminated_by": p["contaminated"], "usage": c.usage, "teacher": teacher,
+            "sampling": {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                         "top_p": params.top_p, "seed": seed}}
+
+
+# ---- files: append-only, one line per answer ----
+
+class Appender:
+    """Appends JSON lines; each is written with one call, flushed and fsync'd before the next answer
+    is read (a killed process's writes survive in the page cache; fsync also covers a lost machine,
+    for a few ms per answer that took minutes to make). Opened on first use: no empty files."""
+
+    def __init__(self, path):
+        self.path, self.f = path, None
+
+    def write(self, obj):
+        if self.f is None:
+            self.f = open(self.path, "ab", buffering=0)
+        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+        while data:
+            data = data[self.f.write(data):]
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def paths(out):
+    return {"out": out, "rejected": Path(f"{out}.rejected.jsonl"), "errors": Path(f"{out}.errors.jsonl"),
+            "run": Path(f"{out}.run.json")}
+
+
+def read_all(files):
+    """Every complete record of the given files (torn last lines cut off first)."""
+    try:
+        return [r for f in files for r in read_records(f, repair=True)]
+    except ValueError as e:
+        raise SystemExit(f"distill.py: {e}")
+
+
+def latest(records):
+    """{id: record}: when a truncated answer was asked again with a larger --max-tokens, the answer
+    at the larger budget counts (the older one stays in its file, flagged truncated)."""
+    by_id = {}
+    for r in records:
+        old = by_id.get(r["id"])
+        if old is None or r["sampling"]["max_tokens"] > old["sampling"]["max_tokens"]:
+            by_id[r["id"]] = r
+    return by_id
+
+
+def is_done(r, max_tokens):
+    """A saved answer counts as done, unless it was cut at a smaller budget than this run's."""
+    return not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)
+
+
+def run_config(args):
+    """What a trace depends on; a rerun with another value is refused. Not here: --max-tokens (may
+    grow: truncated answers are asked again), --samples-per-problem (may grow), the problems and
+    decontamination files (may change: samples are keyed by problem text), speed settings."""
+    endpoint = is_endpoint(args.teacher)
+    return {"teacher": args.teacher if endpoint else str(Path(args.teacher).resolve()),
+            "api_model": args.api_model if endpoint else None,
+            "teacher_fingerprint": None if endpoint else model_fingerprint(args.teacher),   # retrained in place?
+            "system": args.system,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX}
+
+
+def check_config(run_path, config, have_records):
+    if run_path.exists():
+        previous = json.loads(run_path.read_text())
+        old = previous.get("config", {})
+        diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+        if diff:
+            changes = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise SystemExit(f"distill.py: {run_path} was made with a different configuration ({changes}). "
+                             "Use another --out, or the same settings to resume.")
+        return previous
+    if have_records:
+        raise SystemExit(f"distill.py: traces exist but {run_path} does not: cannot tell how they were made. "
+                         "Use another --out.")
+    return {}
+
+
+# ---- the run ----
+
+def is_endpoint(teacher):
+    return teacher.startswith(("http://", "https://"))
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", required=True, help="problems JSONL: {id, problem, answer (integer)}")
+    ap.add_argument("--teacher", required=True,
+                    help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
+    ap.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
+    ap.add_argument("--out", required=True,
+                    help="accepted traces JSONL; also writes <out>.rejected.jsonl, .errors.jsonl and .run.json")
+    ap.add_argument("--samples-per-problem", type=int, default=1, help="answers asked per problem (default 1)")
+    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoint)")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="completion limit per answer, reasoning included")
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (ignored by o-series)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (ignored by o-series)")
+    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
+                    help="evaluation sets: a problem sharing a word 8-gram with one of theirs is not sent "
+                    "(see --min-overlap)")
+    ap.add_argument("--min-overlap", type=float, default=MIN_OVERLAP, help="contamination: shared 8-grams must "
+                    "cover more than this fraction of the shorter problem's 8-grams (default 0: any shared 8-gram)")
+    ap.add_argument("--max-total-tokens", type=int, help="stop sending once the saved answers hold this many "
+                    "completion tokens (all runs on this --out together); answers in flight are still saved")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
+    ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
+    ap.add_argument("--keep-all", action="store_true", help="write every answer to --out with its flags "
+                    "(contaminated problems are sent too); sft.py trains on all of them, except rows without "
+                    "thinking or solution, which it refuses (or skips with --skip-bad)")
+    ap.add_argument("--plain-ok", action="store_true", help="the teacher is not a reasoning model: accept answers "
+                    "without thinking (the whole answer is the chain; sft.py then trains on the solution alone)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="base seed: sample k of a problem is sent a seed hashed from (seed, problem, k)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local teacher")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local teacher")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local teacher)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per request: long enough for the "
+                    "slowest real answer, since a timed-out request is paid for and asked again (default 1800)")
+    return ap
+
+
+class Stop:
+    def __init__(self):
+        self.reason = None      # why no more requests are sent: None, "budget" or "interrupted"
+
+
+def on_signals(stop):
+    """First Ctrl-C / SIGTERM: send nothing more, save what is in flight; the second aborts.
+    Returns a function that restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    def handler(signum, frame):
+        if stop.reason == "interrupted":
+            raise KeyboardInterrupt
+        stop.reason = "interrupted"
+        print("\ndistill.py: stopping: saving the answers in flight (again to abort)", file=sys.stderr)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def requests_for(todo, args, stop):
+    """Requests made only as the sampler asks for them, so that a stop sends nothing more: the
+    endpoint sampler pulls the next request only when one of its `concurrency` slots frees up."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    for p, k in todo:
+        if stop.reason:
+            return
+        messages = system + [{"role": "user", "content": user_prompt(p["problem"])}]
+        yield Request(messages=messages, seed=seed_of(args, p, k))
+
+
+def distill(sampler, todo, params, args, files, totals, budget_left):
+    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives."""
+    stop, endpoint = Stop(), isinstance(sampler, sample.EndpointSampler)
+    teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
+    writers = {name: Appender(files[name]) for name in ("out", "rejected", "errors")}
+    new = Counter()
+    restore = on_signals(stop) if endpoint else (lambda: None)
+    requests = requests_for(todo, args, stop)
+    kw = {"errors": "yield"} if endpoint else {}     # one failed request must not lose the others in flight
+    bar = tqdm(total=totals["planned"], initial=totals["done"], unit="answer", desc="distill")
+    try:
+        # a local sampler takes them all at once (it batches them), so it gets a list
+        for i, c in sampler.generate(requests if endpoint else list(requests), params, **kw):
+            p, k = todo[i]
+            if isinstance(c, EndpointError):
+                writers["errors"].write({"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
+                                         "status": c.status, "attempts": c.attempts, "error": scrub(str(c), args),
+                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                new["errors"] += 1
+            else:
+                r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
+                writers["out" if r["accepted"] or args.keep_all else "rejected"].write(r)
+                new["accepted" if r["accepted"] else "rejected"] += 1
+                new["tokens"] += c.num_tokens
+                new["no_usage"] += c.num_tokens == 0
+                bar.update(1)
+                if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
+                    stop.reason = "budget"
+                    if not endpoint:
+                        break                        # local rows in flight cost nothing but time
+            bar.set_postfix(accepted=totals["accepted"] + new["accepted"],
+                            rejected=totals["rejected"] + new["rejected"], errors=new["errors"],
+                            tokens=totals["tokens_paid"] + new["tokens"], refresh=False)
+    finally:
+        bar.close()
+        restore()
+        for w in writers.values():
+            w.close()
+    return new, stop.reason
+
+
+def scrub(text, args):
+    """sample.py already keeps the key out of its errors; this makes sure for anything we write."""
+    key = os.environ.get(args.api_key_env)
+    return text.replace(key, "[api key]") if key else text
+
+
+def counts(records, planned):
+    """Answers that count now (the latest per id, of the samples planned), and the tokens paid for
+    every answer saved on this --out (what --max-total-tokens limits)."""
+    ids = {sample_id(p["problem"], k) for p, k in planned}
+    rows = [r for i, r in latest(records).items() if i in ids]
+    c = Counter(f for r in rows for f in r["flags"])
+    return {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
+            "rejected": sum(not r["accepted"] for r in rows), "flags": {f: c[f] for f in FILTERS},
+            "tokens_paid": sum(r["num_tokens"] for r in records),
+            "reasoning_tokens": sum(r.get("reasoning_tokens") or 0 for r in records),
+            "reasoning_hidden": sum(not r["reasoning_visible"] and bool(r.get("reasoning_tokens")) for r in rows)}
+
+
+def report(summary, files):
+    s, c, p = summary, summary["counts"], summary["problems"]
+    print(f"\n{p['total']} problems in {p['file']}: {len(p['duplicates'])} duplicates and "
+          f"{len(p['contaminated'])} contaminated {'flagged' if s['config']['keep_all'] else 'not sent'}, "
+          f"{p['sent']} x {s['samples_per_problem']} answers planned")
+    print(f"{'answers saved':<46} {c['answers']:>8}")
+    print(f"{'  accepted':<46} {c['accepted']:>8}   -> {files['out']}")
+    print(f"{'  rejected':<46} {c['rejected']:>8}   -> {files['out' if s['config']['keep_all'] else 'rejected']}")
+    for name, why in FILTERS.items():
+        print(f"{'    ' + why:<46} {c['flags'][name]:>8}")
+    print(f"{'still failing (rerun to retry)':<46} {s['failing']:>8}   -> {files['errors']}")
+    print(f"{'not asked yet':<46} {s['missing'] - s['failing']:>8}")
+    print(f"{'completion tokens paid (of them reasoning)':<46} {c['tokens_paid']:>8}   ({c['reasoning_tokens']})")
+    if c["reasoning_hidden"]:
+        print(f"note: {c['reasoning_hidden']} answers came with reasoning tokens but no visible reasoning "
+              "(o-series hide it): flagged no_thinking")
+    if s["this_run"]["no_usage"]:
+        print(f"note: the server reported no token usage for {s['this_run']['no_usage']} answers: "
+              "--max-total-tokens cannot count them")
+    if s["this_run"]["stopped"]:
+        print(f"stopped early: {s['this_run']['stopped']}")
+
+
+def main(argv=None):
+    """Run, print the report, write <out>.run.json; returns the summary."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    endpoint = is_endpoint(args.teacher)
+    if endpoint and not args.api_model:
+        ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
+    if not endpoint and not Path(args.teacher).is_dir():
+        ap.error(f"--teacher {args.teacher!r} is neither an http(s):// URL nor a model folder")
+    if args.samples_per_problem < 1 or args.max_tokens < 1 or args.concurrency < 1 or args.temperature < 0 \
+            or not 0 < args.top_p <= 1:
+        ap.error("need --samples-per-problem, --max-tokens, --concurrency >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    try:
+        problems = load_problems(args.problems)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"distill.py: {e}")
+    references = load_references(args.decontaminate) if args.decontaminate else None
+    keep, duplicates, contaminated = screen(problems, references, args.min_overlap)
+    if not args.keep_all:
+        keep = [p for p in keep if not p["contaminated"]]
+    planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
+
+    files = paths(Path(args.out))
+    files["out"].parent.mkdir(parents=True, exist_ok=True)
+    records = read_all([files["out"], files["rejected"]])
+    read_all([files["errors"]])                        # only to cut a torn line before appending to it
+    config = run_config(args)
+    previous = check_config(files["run"], config, bool(records))
+    done = {r["id"] for r in records if is_done(r, args.max_tokens)}
+    todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
+    before = counts(records, planned)
+    budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
+    spent = budget_left is not None and budget_left <= 0
+    if spent:
+        todo = []
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    sampler = None
+    if todo:                                           # a local teacher takes a while to load: only if needed
+        sampler = sample.make_sampler(model=None if endpoint else args.teacher,
+                                      base_url=args.teacher if endpoint else None, api_model=args.api_model,
+                                      device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                      concurrency=args.concurrency,
+                                      api_key_env=args.api_key_env, timeout=args.timeout)
+    summary = {"config": config, "samples_per_problem": args.samples_per_problem,
+               "max_tokens": args.max_tokens, "max_total_tokens": args.max_total_tokens,
+               "teacher": sampler.describe() if sampler else previous.get("teacher"),
+               "sampling": dataclasses.asdict(params),
+               "problems": {"file": args.problems, "total": len(problems), "sent": len(keep),
+                            "duplicates": duplicates, "contaminated": contaminated,
+                            "decontaminate": args.decontaminate},
+               "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate],
+                                              None if endpoint else args.teacher),
+               "runs": previous.get("runs", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None}]}
+    model.write_json_atomic(files["run"], summary)    # before the first answer: traces always have a teacher
+
+    started = time.time()
+    new, stopped = Counter(), ("budget" if spent else None)
+    if todo:
+        totals = {**before, "planned": len(planned), "done": len(planned) - len(todo)}
+        try:
+            new, stopped = distill(sampler, todo, params, args, files, totals, budget_left)
+        except ValueError as e:                     # e.g. a prompt longer than a local teacher's context
+            raise SystemExit(f"distill.py: {e} (the answers saved so far are kept)")
+
+    records = read_all([files["out"], files["rejected"]])
+    done = {r["id"] for r in records if is_done(r, args.max_tokens)}
+    missing = {sample_id(p["problem"], k) for p, k in planned} - done
+    failed = {e["id"] for e in read_all([files["errors"]])}
+    summary["counts"] = counts(records, planned)
+    summary["missing"], summary["failing"] = len(missing), len(missing & failed)
+    summary["this_run"] = {"new_answers": new["accepted"] + new["rejected"], "new_tokens": new["tokens"],
+                           "errors": new["errors"], "no_usage": new["no_usage"], "stopped": stopped,
+                           "seconds": round(time.time() - started, 3)}
+    summary["runs"][-1].update(summary["this_run"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    model.write_json_atomic(files["run"], summary)
+    report(summary, files)
+    return summary
+
+
+if __name__ == "__main__":
+    summary = main()
+    # 0: every planned answer is saved, or the token budget ran out; 1: a rerun has work left
+    sys.exit(0 if summary["missing"] == 0 or summary["this_run"]["stopped"] == "budget" else 1)
