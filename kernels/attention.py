@@ -1,0 +1,491 @@
+"""Attention: a FlashAttention-2 forward and backward in Triton, with GQA and packed documents.
+
+Per query head h (reading key/value head h // (Hq / Hkv), never a repeated copy of K and V):
+
+    S = Q K^T / sqrt(D),   P = softmax(S + mask) row-wise,   O = P V
+    mask: causal keeps key j <= query i; packed documents (cu_seqlens) keep only the query's own document.
+
+Forward, one program per block of BLOCK_M queries, streaming BLOCK_N keys at a time (no T x T matrix):
+    m' = max(m, rowmax S_blk),  l = l 2^(m - m') + rowsum 2^(S_blk - m'),  acc = acc 2^(m - m') + P_blk V_blk
+    O = acc / l,   LSE = m + log l   (saved in fp32 for the backward; the kernels work in base 2,
+                                      exp(x) = 2^(x log2 e), with the scale folded into qk_scale)
+Backward, recomputing P = exp(S - LSE) block by block:
+    Delta_i = sum_d dO_id O_id                                     (a small preprocess kernel)
+    dV = P^T dO,  dP = dO V^T,  dS = P (dP - Delta),  dK = dS^T Q / sqrt(D),  dQ = dS K / sqrt(D)
+  One program per key block accumulates dK and dV over every query block of every q head that shares
+  its kv head (the GQA sum, in registers, no atomics; when that grid is too small to fill the GPU the
+  heads are split over a few programs whose fp32 partials are summed after). A second kernel, one
+  program per query block, computes dQ. Each output is written exactly once.
+
+Block skipping: a query block visits only the key blocks some of its rows may see (the causal triangle,
+its documents). Only blocks at an edge (the diagonal, a document boundary, the tail past T) evaluate the
+mask; the blocks that every row sees in full run without it.
+
+Layout: SDPA's, q (B, Hq, T, D), k and v (B, Hkv, T, D), any strides as long as the last one is 1
+(otherwise the tensor is copied). The output is stored as (B, T, Hq, D) memory and returned as a
+(B, Hq, T, D) view, so merging the heads afterwards is free. The Triton path takes Tq == Tk only;
+decoding uses SDPA (Tq != Tk, a KV cache: the causal mask is aligned bottom-right). `attention_ref`,
+plain SDPA, is the CPU path and the test oracle.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS: the module still imports, only attention_ref can run
+    from ._no_triton import triton, tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- checks and reference
+
+def _check(q, k, v, cu_seqlens):
+    """Raise a ValueError / TypeError that names the problem; shared by both paths."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, T, D), got shape {tuple(t.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q dtype {q.dtype} unsupported, use one of {_DTYPES}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    (B, Hq, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
+    if Bk != B:
+        raise ValueError(f"batch sizes differ: q has {B}, k and v have {Bk}")
+    if Dk != D:
+        raise ValueError(f"head dims differ: q has {D}, k and v have {Dk}")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads is not a multiple of {Hkv} key/value heads")
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
+    if cu_seqlens is None:
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens on {cu_seqlens.device}, q on {q.device}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs documents along one row: needs B == 1, got B = {B}")
+    if Tq != Tk:
+        raise ValueError("cu_seqlens needs as many queries as keys (no KV cache)")
+    cuts = cu_seqlens.tolist()  # one small device->host copy; the checks below need the values
+    if len(cuts) < 2 or cuts[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least 2 entries, got {cuts[:4]}...")
+    if any(b < a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if cuts[-1] != Tq:
+        raise ValueError(f"cu_seqlens must end at T = {Tq}, got {cuts[-1]}")
+
+
+def _sdpa(q, k, v, causal):
+    Tq, Tk = q.shape[2], k.shape[2]
+    if causal and Tq != Tk:
+        # with a KV cache query i sits at position i + Tk - Tq: the mask is aligned bottom-right,
+        # while SDPA's is_causal is aligned top-left, so build it
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)  # (Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def attention_ref(q, k, v, causal=True, cu_seqlens=None):
+    """SDPA; with cu_seqlens one call per document, so no T x T mask is ever built across documents."""
+    _check(q, k, v, cu_seqlens)
+    if cu_seqlens is None:
+        return _sdpa(q, k, v, causal)  # (B, Hq, Tq, D)
+    cuts = cu_seqlens.tolist()
+    docs = [_sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal) for s, e in zip(cuts, cuts[1:]) if e > s]
+    return torch.cat(docs, dim=2)  # (1, Hq, T, D)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+def _configs(kind):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. BLOCK_M counts queries, BLOCK_N keys.
+    Under the interpreter one small config: tests then cover multi-block loops and tails at tiny T,
+    with BLOCK_M != BLOCK_N both ways, and autotuning stays off."""
+    if _INTERPRET:
+        shapes = [(16, 32, 4, 1)] if kind == "dkdv" else [(32, 16, 4, 1)]
+    # picked by compiling for sm_90 offline: none spills registers at D = 64; at D = 128 the first of
+    # each list does not (dK/dV: 20 bytes), the others are there for D = 64
+    elif kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
+    elif kind == "dkdv":  # a key block (BLOCK_N) keeps K, V, dK, dV in registers while queries stream past
+        shapes = [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
+    else:  # dq
+        shapes = [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# Autotune per power-of-two bucket of T, not per T: packed SFT batches change T every step.
+_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "VARLEN"]
+
+
+@triton.jit
+def _split(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """[lo, hi): what some row (key) of the block may see; [full_lo, full_hi): what all of them see.
+    Returns lo, a, b with masked blocks [lo, a), mask-free whole blocks [a, b), masked blocks [b, hi)."""
+    lo = lo // BLOCK * BLOCK
+    a = (full_lo + BLOCK - 1) // BLOCK * BLOCK
+    b = tl.maximum(full_hi // BLOCK * BLOCK, a)
+    return lo, tl.minimum(a, hi), tl.minimum(b, hi)
+
+
+@triton.jit
+def _query_block_bounds(start_m, rows, T, DOC_START, DOC_END,
+                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows [start_m, start_m + BLOCK_M): each row sees keys [rows_lo, rows_hi);
+    the key blocks to visit, split as in _split."""
+    end_m = tl.minimum(start_m + BLOCK_M, T)
+    if VARLEN:  # documents are contiguous: the first row's document starts first, the last row's ends last
+        rows_lo = tl.load(DOC_START + rows, mask=rows < T, other=0)
+        rows_hi = tl.load(DOC_END + rows, mask=rows < T, other=0)
+        lo, full_lo = tl.load(DOC_START + start_m), tl.load(DOC_START + end_m - 1)
+        full_hi, hi = tl.load(DOC_END + start_m), tl.load(DOC_END + end_m - 1)
+    else:
+        rows_lo = tl.zeros([BLOCK_M], tl.int32)
+        rows_hi = tl.zeros([BLOCK_M], tl.int32) + T
+        lo, full_lo, full_hi, hi = 0, 0, T, T
+    if CAUSAL:
+        rows_hi = tl.minimum(rows_hi, rows + 1)
+        full_hi = tl.minimum(full_hi, start_m + 1)
+        hi = tl.minimum(hi, end_m)
+    lo, a, b = _split(lo, full_lo, full_hi, hi, BLOCK_N)
+    return rows_lo, rows_hi, lo, a, b, hi
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, start, end, T, qk_scale,
+                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+        k_ptrs = K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]  # (BN, D)
+        v_ptrs = V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]  # (BN, D)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN) scores, base-2 units
+        if MASKED:
+            seen = (cols[None, :] >= rows_lo[:, None]) & (cols[None, :] < rows_hi[:, None])  # (BM, BN)
+            # finite, not -inf: a row whose first block is all masked gets m = -1e6 (no inf - inf = NaN), and
+            # that junk is scaled by 2^(-1e6 - m) = 0 once a visible key arrives (each row sees itself)
+            s = tl.where(seen, s, -1.0e6)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BM,)
+        p = tl.exp2(s - m_new[:, None])  # (BM, BN)
+        alpha = tl.exp2(m_i - m_new)  # (BM,) rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)  # (BM, D)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, DOC_START, DOC_END,
+              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+              H, GROUP, T, T_BUCKET, qk_scale,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks have the most keys: launch them first so the grid ends on short work
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # int64: B * H * T * D overflows int32 at long T
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K_head = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+    q_ptrs = Q_head + rows.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]  # (BM, D)
+    q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)
+
+    rows_lo, rows_hi, lo, a, b_, hi = _query_block_bounds(start_m, rows, T, DOC_START, DOC_END,
+                                                          CAUSAL, VARLEN, BLOCK_M, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, lo, a,
+                                T, qk_scale, True, BLOCK_N, HEAD_DIM, PREC)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, a, b_,
+                                T, qk_scale, False, BLOCK_N, HEAD_DIM, PREC)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, b_, hi,
+                                T, qk_scale, True, BLOCK_N, HEAD_DIM, PREC)
+
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + rows.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]  # (BM, D)
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None] < T)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # (BM,) back to natural log: ln 2 * log2
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, H, T,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs = rows.to(tl.int64)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs * stride_ot + offs_d,
+                mask=rows[:, None] < T, other=0.0)  # (BM, D)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs * stride_dt + offs_d,
+                 mask=rows[:, None] < T, other=0.0)  # (BM, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BM,)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot, cols_lo, cols_hi,
+                 start, end, T, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Works on transposed tiles (keys x queries) so that dV += P^T dO and dK += dS^T Q need no transpose."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
+        q_ptrs = Q_head + rows.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]  # (BM, D)
+        do_ptrs = DO_head + rows.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]  # (BM, D)
+        if MASKED:
+            q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)
+            do = tl.load(do_ptrs, mask=rows[:, None] < T, other=0.0)
+            lse = tl.load(LSE_head + rows, mask=rows < T, other=0.0)
+            delta = tl.load(DELTA_head + rows, mask=rows < T, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE_head + rows)
+            delta = tl.load(DELTA_head + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BN, BM) base-2 scores
+        p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)  # (BN, BM) P recomputed from the saved LSE
+        if MASKED:
+            seen = (rows[None, :] >= cols_lo[:, None]) & (rows[None, :] < cols_hi[:, None])  # (BN, BM)
+            p_t = tl.where(seen, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)  # (BN, D)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BN, BM)
+        ds_t = p_t * (dp_t - delta[None, :])  # (BN, BM)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)  # (BN, D)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("dkdv"), key=_KEY)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                   stride_dks, stride_dkb, stride_dkh, stride_dkt, stride_dvs, stride_dvb, stride_dvh, stride_dvt,
+                   H, GROUP, HEADS_PER_PROGRAM, T, T_BUCKET, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(1)
+    H_KV = H // GROUP
+    b, h_kv = bh // H_KV, bh % H_KV
+    start_n = tl.program_id(0) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+                + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+                + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+
+    # each key is seen by queries [cols_lo, cols_hi); the query blocks to visit, as in _query_block_bounds
+    end_n = tl.minimum(start_n + BLOCK_N, T)
+    if VARLEN:
+        cols_lo = tl.load(DOC_START + cols, mask=cols < T, other=0)
+        cols_hi = tl.load(DOC_END + cols, mask=cols < T, other=0)
+        lo, full_lo = tl.load(DOC_START + start_n), tl.load(DOC_START + end_n - 1)
+        full_hi, hi = tl.load(DOC_END + start_n), tl.load(DOC_END + end_n - 1)
+    else:
+        cols_lo = tl.zeros([BLOCK_N], tl.int32)
+        cols_hi = tl.zeros([BLOCK_N], tl.int32) + T
+        lo, full_lo, full_hi, hi = 0, 0, T, T
+    if CAUSAL:
+        cols_lo = tl.maximum(cols_lo, cols)
+        lo = tl.maximum(lo, start_n)
+        full_lo = tl.maximum(full_lo, end_n - 1)
+    lo, a, b_ = _split(lo, full_lo, full_hi, hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    split = tl.program_id(2)
+    for g in range(HEADS_PER_PROGRAM):  # every q head reading this kv head (or a share of them) adds to dK, dV
+        h = h_kv * GROUP + split * HEADS_PER_PROGRAM + g
+        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        LSE_head = LSE + (b * H + h).to(tl.int64) * T
+        DELTA_head = DELTA + (b * H + h).to(tl.int64) * T
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
+                              cols_lo, cols_hi, lo, a, T, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
+                              cols_lo, cols_hi, a, b_, T, qk_scale, False, BLOCK_M, HEAD_DIM, PREC)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
+                              cols_lo, cols_hi, b_, hi, T, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
+
+    dk_ptrs = DK + split.to(tl.int64) * stride_dks + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh \
+        + cols.to(tl.int64)[:, None] * stride_dkt + offs_d[None, :]  # (BN, D)
+    dv_ptrs = DV + split.to(tl.int64) * stride_dvs + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh \
+        + cols.to(tl.int64)[:, None] * stride_dvt + offs_d[None, :]  # (BN, D)
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None] < T)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=cols[:, None] < T)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, start, end, T,
+               qk_scale, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+        k_ptrs = K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]  # (BN, D)
+        v_ptrs = V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]  # (BN, D)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN)
+        p = tl.exp2(s - lse2[:, None])  # (BM, BN)
+        if MASKED:
+            seen = (cols[None, :] >= rows_lo[:, None]) & (cols[None, :] < rows_hi[:, None])  # (BM, BN)
+            p = tl.where(seen, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)  # (BM, D)
+    return dq
+
+
+@triton.autotune(configs=_configs("dq"), key=_KEY)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                 stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+                 H, GROUP, T, T_BUCKET, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
+    offs = rows.to(tl.int64)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs * stride_qt + offs_d,
+                mask=rows[:, None] < T, other=0.0)  # (BM, D)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs * stride_dot + offs_d,
+                 mask=rows[:, None] < T, other=0.0)  # (BM, D)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0) * 1.4426950408889634  # (BM,)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)  # (BM,)
+    K_head = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+
+    rows_lo, rows_hi, lo, a, b_, hi = _query_block_bounds(start_m, rows, T, DOC_START, DOC_END,
+                                                          CAUSAL, VARLEN, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, lo, a, T,
+                    qk_scale, True, BLOCK_N, HEAD_DIM, PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, a, b_, T,
+                    qk_scale, False, BLOCK_N, HEAD_DIM, PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, b_, hi, T,
+                    qk_scale, True, BLOCK_N, HEAD_DIM, PREC)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs * stride_dqt + offs_d,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] < T)
+
+
+# ----------------------------------------------------------------------------- autograd + entry point
+
+def _doc_bounds(cu_seqlens, T):
+    """Start and end of the document holding each position: a block reads its document range in 2 loads."""
+    cu = cu_seqlens.to(torch.int32)
+    pos = torch.arange(T, dtype=torch.int32, device=cu.device)  # (T,)
+    doc = torch.searchsorted(cu[1:], pos, right=True)  # (T,) index of the document holding each position
+    return cu[doc].contiguous(), cu[doc + 1].contiguous()  # (T,), (T,)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, cu_seqlens):
+        B, H, T, D = q.shape
+        group = H // k.shape[1]
+        varlen = cu_seqlens is not None
+        doc_start, doc_end = _doc_bounds(cu_seqlens, T) if varlen else (None, None)
+        sm_scale = 1.0 / math.sqrt(D)
+        # fp32 tl.dot defaults to TF32 on GPUs; fp32 inputs ask for full precision instead
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, T, D) view
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # (B, H, T)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, doc_start, doc_end,
+                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                        H, group, T, triton.next_power_of_2(T), sm_scale * _LOG2E,
+                        HEAD_DIM=D, CAUSAL=causal, VARLEN=varlen, PREC=prec)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.causal, ctx.varlen, ctx.prec = causal, varlen, prec
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        B, H, T, D = q.shape
+        group = H // k.shape[1]
+        sm_scale = 1.0 / math.sqrt(D)
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        delta = torch.empty_like(lse)  # (B, H, T)
+        _attn_bwd_delta[(triton.cdiv(T, 32), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
+                                                     HEAD_DIM=D, BLOCK_M=32)
+        args = dict(HEAD_DIM=D, CAUSAL=ctx.causal, VARLEN=ctx.varlen, PREC=ctx.prec)
+        # dK, dV: one program per (key block, kv head) sums over the group's q heads. Short T and few kv
+        # heads leave SMs idle, so then the group is split over `split` programs whose fp32 partials
+        # are summed here.
+        Hkv = k.shape[1]
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        split = next(s for s in range(1, group + 1) if group % s == 0 and
+                     (triton.cdiv(T, 64) * B * Hkv * s >= 2 * sms or s == group))
+        if split == 1:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dk_out, dv_out = dk.unsqueeze(0), dv.unsqueeze(0)  # (1, B, Hkv, T, D) views
+        else:
+            dk_out = torch.empty(split, B, Hkv, T, D, dtype=torch.float32, device=q.device)  # (S, B, Hkv, T, D)
+            dv_out = torch.empty_like(dk_out)  # (S, B, Hkv, T, D)
+        grid_n = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, split)  # noqa: E731
+        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk_out, dv_out, doc_start, doc_end,
+                               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                               *dk_out.stride()[:4], *dv_out.stride()[:4],
+                               H, group, group // split, T, triton.next_power_of_2(T), sm_scale * _LOG2E, sm_scale,
+                               **args)
+        if split > 1:
+            dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)  # (B, Hkv, T, D)
+        dq = torch.empty_like(q)
+        grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, doc_start, doc_end,
+                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                             H, group, T, triton.next_power_of_2(T), sm_scale * _LOG2E, sm_scale, **args)
+        return dq, dk, dv, None, None
+
+
+def attention_triton(q, k, v, causal=True, cu_seqlens=None):
+    """Triton attention for Tq == Tk (training, prefill); decoding (Tq != Tk) uses SDPA."""
+    _check(q, k, v, cu_seqlens)
+    if q.shape[2] != k.shape[2]:
+        return _sdpa(q, k, v, causal)
+    if q.shape[-1] not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {q.shape[-1]} unsupported by the Triton kernel: use 16, 32, 64 or 128")
+    # the kernels take any strides but a unit last one (whole rows are loaded as vectors)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _Attention.apply(q, k, v, causal, cu_seqlens)
