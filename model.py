@@ -180,7 +180,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache, cu_seqlens):
+    def forward(self, x, cos, sin, positions, cache, cu_seqlens, visible):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)      # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
@@ -189,20 +189,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, positions, cache, self.layer_idx, cu_seqlens)  # (B, Hq, T, D)
+        y = attention(q, k, v, positions, cache, self.layer_idx, cu_seqlens, visible)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))          # (B, T, C)
 
 
-def attention(q, k, v, positions, cache, layer_idx, cu_seqlens):
+def attention(q, k, v, positions, cache, layer_idx, cu_seqlens, visible):
     """The one attention entry point. Without a cache (training, scoring a whole sequence): causal
     attention through kernels (Triton flash attention on CUDA), per document when packed. With a
     cache (decoding): write k, v at each row's positions, then attend to every cached key at or
-    before the query's position, via SDPA with an explicit mask (rows may sit at different
-    positions, so a plain causal mask would be wrong)."""
+    before the query's position (`visible`), via SDPA: rows may sit at different positions, so a
+    plain causal mask would be wrong."""
     if cache is None:
         return kernels.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
     k, v = cache.update(layer_idx, positions, k, v)                       # (B, Hkv, L, D)
-    visible = torch.arange(k.shape[2], device=q.device) <= positions[:, None, :, None]  # (B, 1, T, L)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
 
 
@@ -225,8 +224,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, cache, cu_seqlens):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, cu_seqlens)
+    def forward(self, x, cos, sin, positions, cache, cu_seqlens, visible):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, cu_seqlens, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -263,12 +262,16 @@ class Transformer(nn.Module):
             freqs = positions[..., None].float() * self.inv_freq.float()   # (B, T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        visible = None
+        if cache is not None:  # which cached keys each query sees: those at or before its position
+            L = cache.length or cache.k.shape[3]
+            visible = torch.arange(L, device=ids.device) <= positions[:, None, :, None]  # (B, 1, T, L)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, positions, cache, cu_seqlens,
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, positions, cache, cu_seqlens, visible,
                                                       use_reentrant=False)
             else:
-                x = block(x, cos, sin, positions, cache, cu_seqlens)
+                x = block(x, cos, sin, positions, cache, cu_seqlens, visible)
         x = self.model.norm(x)                                             # (B, T, C)
         return x if return_hidden else self.lm_head(x)                     # (B, T, V)
 
