@@ -8,7 +8,9 @@
 2. distills chains from a teacher with `distill.py`, several samples per problem, keeping only chains
    whose boxed answer is correct (rejection sampling, as s1 / LIMO / Sky-T1 did). Offline there is
    no stronger model, so the teacher is the student itself (SmolLM2-135M-Instruct): this is
-   rejection-sampling self-distillation (STaR), the smallest honest instance of the recipe,
+   rejection-sampling self-distillation (STaR), the smallest honest instance of the recipe. The
+   teacher's system message demonstrates the answer format once (TEACHER_SYSTEM); the student is
+   trained and scored without it, as a student never sees how its teacher was prompted,
 3. fine-tunes the student on those chains with `sft.py`,
 4. scores the base and the fine-tuned model on the held-out split with `eval_aime.py`, greedy and
    sampled, and prints the two side by side, whatever happened.
@@ -33,23 +35,30 @@ NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "
 THINGS = ["apples", "marbles", "stickers", "books", "pencils", "coins", "cookies", "stamps"]
 
 
+# The teacher's system message: a one-shot demonstration of the answer format. The student is trained
+# and scored without it, so what SFT must teach is to reason briefly and box the answer unprompted.
+TEACHER_SYSTEM = ("Solve the problem step by step in a few short sentences, then give the final answer as \\boxed{N}.\n"
+                  "Example. Problem: Sam has 3 pens and buys 4 more. How many pens does Sam have now?\n"
+                  "Solution: Sam starts with 3 pens and buys 4 more, so he has 3 + 4 = 7 pens. "
+                  "The final answer is \\boxed{7}.")
+
+
 def make_problems(n, seed):
-    """n problems {id, problem, answer} with integer answers, from a few word-problem templates."""
+    """n distinct problems {id, problem, answer} with small integer answers, from word-problem
+    templates (easy on purpose: a 135M model must get some right for rejection sampling to keep any)."""
     rng = random.Random(seed)
     templates = [
         lambda a, b, who, x: (f"{who} has {a} {x} and gets {b} more. How many {x} does {who} have now?", a + b),
         lambda a, b, who, x: (f"{who} had {a + b} {x} and gave away {b}. How many {x} are left?", a),
-        lambda a, b, who, x: (f"A box holds {a % 9 + 2} {x}. How many {x} are in {b % 9 + 2} boxes?", (a % 9 + 2) * (b % 9 + 2)),
         lambda a, b, who, x: (f"What is {a} + {b}?", a + b),
-        lambda a, b, who, x: (f"What is {a % 12 + 1} times {b % 12 + 1}?", (a % 12 + 1) * (b % 12 + 1)),
-        lambda a, b, who, x: (f"{who} reads {a % 9 + 2} pages every day. How many pages does {who} read in "
-                              f"{b % 6 + 2} days?", (a % 9 + 2) * (b % 6 + 2)),
+        lambda a, b, who, x: (f"What is {a} times {b}?", a * b),
+        lambda a, b, who, x: (f"A box holds {a} {x}. How many {x} are in {b} boxes?", a * b),
         lambda a, b, who, x: (f"There are {a + b} students in a class and {b} of them are absent. "
                               f"How many students are present?", a),
     ]
     rows, seen = [], set()
     while len(rows) < n:
-        text, answer = rng.choice(templates)(rng.randint(2, 40), rng.randint(2, 40), rng.choice(NAMES), rng.choice(THINGS))
+        text, answer = rng.choice(templates)(rng.randint(1, 9), rng.randint(1, 9), rng.choice(NAMES), rng.choice(THINGS))
         if text not in seen:
             seen.add(text)
             rows.append({"id": f"gen-{seed}-{len(rows):03d}", "problem": text, "answer": str(answer)})
@@ -117,7 +126,7 @@ def main():
     traces = out / "traces.jsonl"
     run([sys.executable, "distill.py", "--problems", train, "--teacher", args.model, "--out", traces,
          "--samples-per-problem", args.samples_per_problem, "--max-tokens", args.max_tokens, "--temperature", "0.8",
-         "--top-p", "0.95", "--seed", args.seed, "--device", args.device], log)
+         "--top-p", "0.95", "--seed", args.seed, "--device", args.device, "--plain-ok", "--system", TEACHER_SYSTEM], log)
     n_traces = sum(1 for line in traces.read_text().splitlines() if line.strip())
     print(f"2. distill: {n_traces} correct chains kept in {traces.name}")
     if n_traces == 0:

@@ -49,12 +49,20 @@ class Completion:
 # ---- Local model: prefill, decode one token, decode many ----
 
 def sample_token(logits, params, generators):
-    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise restrict to
-    top-k / top-p / min-p, then draw with the exponential race (argmax of p / E, E ~ Exp(1)), which is
-    an exact categorical sample. Each row's noise comes from its own generator, so a row's tokens
-    depend only on its seed, never on which other rows share the batch."""
+    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise draw from the
+    filtered distribution with the exponential race (argmax of p / E, E ~ Exp(1)), an exact
+    categorical sample. Each row's noise comes from its own generator, so a row's tokens depend
+    only on its seed, never on which other rows share the batch."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    probs = filtered_probs(logits, params)                                              # (B, V)
+    noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
+                         for g in generators])                                          # (B, V)
+    return (probs / noise).argmax(-1)
+
+
+def filtered_probs(logits, params):
+    """Temperature, then top-k, min-p and top-p (nucleus) filtering. -> unnormalized probs (B, V)."""
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
@@ -63,12 +71,14 @@ def sample_token(logits, params, generators):
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0)
     if params.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)                               # (B, V)
+        # sorting the whole vocabulary is the slow part; the nucleus almost always lies in the top
+        # 1024 tokens, and when their mass reaches top_p that is exactly the same set
+        sorted_p, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                # (B, k)
+        if (sorted_p.sum(-1) < params.top_p).any():
+            sorted_p, order = probs.sort(-1, descending=True)                           # (B, V)
         outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p                         # mass before it already enough
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0))
-    noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
-                         for g in generators])                                          # (B, V)
-    return (probs / noise).argmax(-1)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0))
+    return probs
 
 
 class Row:

@@ -275,3 +275,14 @@ def test_config_fields_are_hf_keys():
                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                             "max_position_embeddings": 32, "sliding_window": 4096, "use_sliding_window": False})
     assert cfg.head_dim == 4 and cfg.qkv_bias
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_needs_no_second_copy_of_the_weights(smollm2, dtype):
+    """Peak RSS grows by at most 1.5x the weights' bytes (bench/load_memory.py, in a fresh process)."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "bench"))
+    from load_memory import measure
+    r = measure(smollm2, dtype)
+    assert r["growth"] <= 1.5 * r["weights"], f"{dtype}: peak RSS grew {r['growth'] / r['weights']:.2f}x the weights"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, make_hf_model
-from sample import (EndpointError, EndpointSampler, LocalSampler, Request, SamplingParams, make_sampler,
-                    sample_token)
+from sample import (EndpointError, EndpointSampler, LocalSampler, Request, SamplingParams, filtered_probs,
+                    make_sampler, sample_token)
 
 FAMILIES = {"qwen2": dict(model_type="qwen2", n_head=4, n_kv=2, head_dim=16),
             "qwen3": dict(model_type="qwen3", n_head=2, n_kv=1, head_dim=32),
@@ -140,6 +140,21 @@ def test_sampling_distribution(params):
     assert set(counts) <= set(support), "sampled a token that the filter removed"
     chi2 = sum((counts[i] - n * q[i].item()) ** 2 / (n * q[i].item()) for i in support)
     assert chi2 < CHI2_999[len(support) - 1] if len(support) > 1 else counts[support[0]] == n
+
+
+@pytest.mark.parametrize("temperature", [0.3, 50.0])  # a peaked nucleus (top-1024 path) and a flat one (full sort)
+def test_nucleus_over_a_large_vocabulary(temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20000) * 4
+    params = SamplingParams(temperature=temperature, top_p=0.9)
+    probs = (logits / temperature).softmax(-1)
+    want = torch.zeros_like(probs)
+    for b in range(3):  # the definition, row by row, over the whole sorted vocabulary
+        p, order = probs[b].sort(descending=True)
+        n = int((p.cumsum(0) < 0.9).sum()) + 1
+        want[b, order[:n]] = p[:n]
+    assert torch.allclose(filtered_probs(logits, params), want)
+    assert ((want > 0).sum(-1) > 1024).any() == (temperature > 1)
 
 
 def test_greedy_is_argmax_and_seed_reproduces():
