@@ -625,7 +625,11 @@ def run_manifest(args, inputs=(), model_dir=None):
         p = Path(p)
         with open(p, "rb") as f:
             rows = sum(1 for line in f if line.strip())
-        files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows})
+        entry = {"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows}
+        own = Path(f"{p}.run.json")  # e.g. traces.jsonl.run.json, written by distill.py: the teacher
+        if own.exists():
+            entry["manifest"] = json.loads(own.read_text())
+        files.append(entry)
     model = None
     if model_dir is not None and Path(model_dir).is_dir():
         m = Path(model_dir)
