@@ -1,0 +1,156 @@
+"""One training step of sft.py against transformers, same model, batch, sequence length and optimizer.
+
+    python bench/sft.py                                  # T = 1024 and 4096, float32 and bfloat16
+    python bench/sft.py --quick                          # 1 warmup + 2 timed steps each, 1 round
+    python bench/sft.py --grad-checkpointing             # both sides recompute activations
+
+A step is: forward with the loss on every next token of one row of T tokens (B = 1), backward,
+gradient clipping to 1.0, AdamW (the optimizer sft.py builds, for both). Ours is sft.LossModel (hidden
+states -> chunked linear cross-entropy, never T x V logits) through sft.train_step; transformers' is
+AutoModelForCausalLM from the same folder with its normal `labels=` loss. Weights are fp32 on both
+sides; bfloat16 means autocast, as the HF Trainer does it.
+
+How it measures, on a machine that may be shared and noisy:
+- speed: one child process holds both models and alternates their steps (ours, theirs, theirs, ours,
+  ...), so a change in machine load hits both alike; tokens/s is the median of the timed steps, over
+  every round (a fresh child each round);
+- peak memory: a fresh child process per implementation and configuration runs two steps (from the
+  second on, activations coexist with the optimizer state: the steady-state peak) and reports
+  ru_maxrss on CPU (the whole process: weights, optimizer, libraries) or torch.cuda.max_memory_allocated
+  on GPU.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_step(impl, args, device, dtype, ids):
+    """A closure that runs one training step of `impl` and returns its loss."""
+    import torch
+    import sft
+    from model import load_model
+    settings = SimpleNamespace(lr=1e-5, weight_decay=0.0)
+    if impl == "ours":
+        model = load_model(args.model, device=device, dtype=torch.float32)
+        model.gradient_checkpointing = args.grad_checkpointing
+        lm = sft.LossModel(model, dtype, args.chunk_size).train()
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], sft.IGNORE)], dim=1)  # (1, T)
+        batch = {"ids": ids, "labels": labels, "positions": torch.arange(ids.shape[1], device=device)[None]}
+        optimizer = sft.build_optimizer(lm, settings, device)
+        one = sft.Dist(0, 1, device)
+        return lambda: sft.train_step(lm, optimizer, [batch], ids.shape[1] - 1, one, 1.0)[0]
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
+    if args.grad_checkpointing:
+        hf.gradient_checkpointing_enable()
+    optimizer = sft.build_optimizer(hf, settings, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = hf(input_ids=ids, labels=ids).loss  # shifts inside: T - 1 targets, as ours
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def child(args):
+    """--child speed: both implementations, steps alternating; --child ours|hf: two steps, peak memory."""
+    import torch
+    from model import pick_device
+    device = torch.device(pick_device(args.device))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (1, args.seq), device=device)  # (1, T)
+    impls = ["ours", "hf"] if args.child == "speed" else [args.child]
+    steps = {impl: make_step(impl, args, device, dtype, ids) for impl in impls}
+    times, losses = {impl: [] for impl in impls}, {}
+    for i in range(args.warmup + args.steps if args.child == "speed" else 2):
+        for impl in (impls if i % 2 == 0 else impls[::-1]):
+            t0 = time.perf_counter()
+            loss = steps[impl]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[impl].append(time.perf_counter() - t0)
+            losses.setdefault(impl, loss)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"times": {k: v[args.warmup:] for k, v in times.items()}, "peak_gb": peak / 1e9,
+                      "first_loss": losses, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}))
+
+
+def run_child(impl, seq, dtype, args):
+    cmd = [sys.executable, __file__, "--child", impl, "--seq", str(seq), "--dtype", dtype, "--model", args.model,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
+    cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} T={seq} {dtype} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "checkpoints" / "smollm2-135m-instruct"))
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sequence lengths T")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=3, help="speed children (each timing both implementations) per configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per child")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per child")
+    p.add_argument("--quick", action="store_true", help="1 round, 1 warmup + 2 timed steps")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of our loss (default: the kernel's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--child", choices=["speed", "ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 2, 1
+    results = []
+    for seq in args.lengths:
+        for dtype in args.dtypes:
+            row = {"T": seq, "dtype": dtype}
+            for impl in ("ours", "hf"):
+                r = run_child(impl, seq, dtype, args)
+                row[f"{impl}_peak_gb"], row["device"] = r["peak_gb"], r["device"]
+            times = {"ours": [], "hf": []}
+            for _ in range(args.rounds):
+                r = run_child("speed", seq, dtype, args)
+                for impl in times:
+                    times[impl] += r["times"][impl]
+                    row[f"{impl}_first_loss"] = r["first_loss"][impl]
+            for impl in times:
+                row[f"{impl}_tok_s"] = seq / statistics.median(times[impl])
+            print(f"  T={seq} {dtype}: ours {row['ours_tok_s']:,.0f} tok/s {row['ours_peak_gb']:.2f} GB, "
+                  f"hf {row['hf_tok_s']:,.0f} tok/s {row['hf_peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+            results.append(row)
+    print(f"\nsft.py vs transformers, one training step (B=1, AdamW, clip 1.0), {results[0]['device']}, "
+          f"{args.rounds} round(s) x {args.steps} timed steps each, grad checkpointing {'on' if args.grad_checkpointing else 'off'}")
+    print(f"{'T':>6} {'dtype':>9} | {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} | {'ours GB':>8} {'hf GB':>7} "
+          f"{'ratio':>6} | {'loss ours':>9} {'loss hf':>8}")
+    for r in results:
+        print(f"{r['T']:>6} {r['dtype']:>9} | {r['ours_tok_s']:>10,.0f} {r['hf_tok_s']:>9,.0f} "
+              f"{r['ours_tok_s'] / r['hf_tok_s']:>5.2f}x | {r['ours_peak_gb']:>8.2f} {r['hf_peak_gb']:>7.2f} "
+              f"{r['ours_peak_gb'] / r['hf_peak_gb']:>5.2f}x | {r['ours_first_loss']:>9.4f} {r['hf_first_loss']:>8.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,639 @@
+"""Supervised fine-tuning on long chains of thought: JSONL rows -> (tokens, loss mask) -> AdamW -> an HF folder.
+
+    python sft.py --data traces.jsonl --out runs/sft --epochs 3
+    torchrun --nproc_per_node 8 sft.py --data traces.jsonl --out runs/sft --epochs 3      (FSDP2)
+    python sft.py --data traces.jsonl --out runs/sft --epochs 3 --resume                  (after a crash)
+
+Reading order: arguments, setup (processes, model, optimizer), data (rows -> chats -> token ids and
+labels -> packed micro-batches), the loop (loss, schedule, step, evaluation, logging), saving.
+
+What it does, and why:
+- The loss is on the assistant turn only, including its end-of-turn token: the mask comes out of the
+  same function that renders the chat (model.Tokenizer.render). A row longer than --max-len is dropped
+  and counted, never truncated (a cut row may have no answer left to learn).
+- Rows are packed without padding into one sequence of at most --batch-tokens tokens, with positions
+  restarting at 0 for every document and attention kept inside each document (cu_seqlens), so a
+  packed micro-batch computes exactly what its rows would one by one (tests/test_sft.py proves it).
+- The loss comes from the final hidden states through kernels.linear_cross_entropy, in chunks of rows:
+  no tokens x vocabulary logits tensor, which at 16k tokens and a 152k vocabulary would be 9.7 GB.
+  It is summed, then divided by the number of target tokens of the whole optimizer step (all
+  micro-batches of all ranks), so every target token weighs the same however rows are batched.
+- One optimizer step = --grad-accum micro-batches, counted over all ranks: the same command trains the
+  same way on 1 or 8 processes (rank r takes micro-batches r, r + W, ...).
+- Weights stay fp32; on GPU the forward runs under bf16 autocast, the same arithmetic in one process
+  or many (FSDP2 gathers the fp32 weights and reduces gradients in fp32).
+
+Output (--out DIR): DIR itself is the final model, an HF folder (config.json, model.safetensors,
+tokenizer files, run.json, metrics.jsonl) that model.load_model and transformers both load. Beside it,
+DIR/step-<N>/ are checkpoints: the same HF files plus trainer_state.pt (optimizer state gathered in
+full, so a run may resume on a different number of processes, plus step, RNG states and the settings
+that fix the data order); a checkpoint counts once trainer_state.pt exists (written last, atomically).
+
+What it is not: a trainer framework. No LoRA, no sequence parallelism, no tensor parallelism.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import kernels
+from model import Transformer, Tokenizer, load_model, pick_device, pick_dtype, run_manifest, save_model, sha256_file
+from model import write_json_atomic
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
+# the same user turn as eval_aime.user_prompt and distill.py (a test checks they agree)
+PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+IGNORE = -100
+# dense bf16 peak of the GPUs we know, for MFU; on other devices MFU is left out
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
+                   "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
+    p.add_argument("--out", default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
+                   "checkpoints and metrics.jsonl")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (ignored with --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides --epochs; "
+                   "the data is reshuffled each time it runs out)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (overrides --warmup-ratio)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of all steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decay ends at lr * this")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on matrices only")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per micro-batch (default: --max-len)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step, counted over "
+                   "all processes (default: one per process); must be a multiple of the number of processes")
+    p.add_argument("--max-len", type=int, default=None, help="longest row in tokens; longer rows are dropped "
+                   "(default: the model's max_position_embeddings)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several rows into one micro-batch (padding-free, attention per document); "
+                        "--no-pack: one row per micro-batch")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL (same formats) for eval_loss")
+    p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only before and after)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--keep-last", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward "
+                   "(activation memory of one block instead of all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (autocast); weights and optimizer state stay float32. "
+                        "auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the loss (default: about "
+                   "vocab / hidden chunks, so a chunk of logits is as big as the hidden states)")
+    args = p.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1 or args.epochs < 1:
+        p.error("--max-steps and --epochs must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- setup
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: object = None
+
+
+def setup_processes(device_arg):
+    """One process, or one of torchrun's: gloo on CPU, nccl on GPU, one GPU per process."""
+    device = pick_device(device_arg)
+    if "RANK" not in os.environ:
+        return Dist(0, 1, torch.device(device))
+    from torch.distributed.device_mesh import init_device_mesh
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(device), mesh)
+
+
+class LossModel(nn.Module):
+    """The decoder and its loss as one module. Under FSDP2 this is the root, so its own parameters
+    (embeddings, final norm, the possibly tied head) stay gathered through the loss as well."""
+
+    def __init__(self, model, dtype, chunk_size=None):
+        super().__init__()
+        self.model, self.dtype, self.chunk_size = model, dtype, chunk_size
+        if dtype != torch.float32:
+            # Autocast runs the projections in bf16 but not the embedding lookup, so the residual stream
+            # would stay fp32, q and k (rotated with angles in its dtype) would come out fp32 and v bf16,
+            # and attention refuses mixed dtypes. Casting the embeddings makes the stream bf16, as in a
+            # model loaded in bf16; the weights, their gradients and the optimizer stay fp32.
+            model.model.embed_tokens.register_forward_hook(lambda module, args, out: out.to(dtype))
+
+    def forward(self, ids, labels, positions, cu_seqlens=None):
+        """Summed cross-entropy over the labelled tokens (labels already shifted, IGNORE elsewhere)."""
+        with torch.autocast(ids.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model(ids, positions, cu_seqlens=cu_seqlens, return_hidden=True)  # (1, T, C)
+        # as transformers under autocast: logits in the compute dtype, the loss itself in fp32
+        hidden = hidden.flatten(0, 1).to(self.dtype)                                      # (T, C)
+        weight = self.model.lm_head.weight.to(self.dtype)                                 # (V, C)
+        return kernels.linear_cross_entropy(hidden, weight, labels.flatten(), ignore_index=IGNORE,
+                                            reduction="sum", chunk_size=self.chunk_size)
+
+
+def build_model(folder, args, procs, dtype):
+    model = load_model(folder, device=procs.device, dtype=torch.float32)
+    model.gradient_checkpointing = args.grad_checkpointing
+    lm = LossModel(model, dtype, args.chunk_size).train()
+    if procs.world > 1:  # shard each block, then the root (embeddings, norm, head)
+        from torch.distributed.fsdp import fully_shard
+        for block in model.model.layers:
+            fully_shard(block, mesh=procs.mesh)
+        fully_shard(lm, mesh=procs.mesh)
+    if args.compile:
+        for block in model.model.layers:
+            block.compile(dynamic=True)  # packed micro-batches vary in length
+    return lm
+
+
+def build_optimizer(lm, args, device):
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in lm.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda, foreach=not cuda)
+
+
+# ----------------------------------------------------------------------------- data
+
+def to_messages(row):
+    """One JSONL row, in any of the three formats, -> chat messages. ValueError says what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+    elif "conversations" in row:
+        roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in roles for t in turns):
+            raise ValueError("'conversations' must be a list of {from: system|human|gpt, value} objects")
+        messages = [{"role": roles[t["from"]], "content": t.get("value")} for t in turns]
+    elif "problem" in row:
+        for key in ("problem", "thinking", "solution"):
+            if not isinstance(row.get(key), str) or (key != "thinking" and not row[key].strip()):
+                raise ValueError(f"trace row needs a {'' if key == 'thinking' else 'non-empty '}string {key!r}")
+        # a plain teacher's answer (distill.py --plain-ok) has no thinking: the solution is the chain
+        thinking = f"<think>\n{row['thinking'].strip()}\n</think>\n\n" if row["thinking"].strip() else ""
+        messages = [{"role": "user", "content": f"{row['problem']}\n\n{PROMPT_SUFFIX}"},
+                    {"role": "assistant", "content": thinking + row["solution"].strip()}]
+    else:
+        raise ValueError("needs 'problem'/'thinking'/'solution', 'messages' or 'conversations'")
+    for i, m in enumerate(messages):
+        if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
+            raise ValueError(f"message {i}: needs role system/user/assistant and string content")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise ValueError("no non-empty assistant turn to train on")
+    return messages
+
+
+def tokenize(messages, tok):
+    """Messages -> ids and shifted labels: labels[t] = ids[t + 1] where that token is assistant output."""
+    ids, mask = tok.render(messages)
+    labels = [nxt if m else IGNORE for nxt, m in zip(ids[1:], mask[1:])] + [IGNORE]
+    return ids, labels
+
+
+@dataclass
+class Example:
+    ids: torch.Tensor      # (L,) int32
+    labels: torch.Tensor   # (L,) int32, IGNORE where nothing is learned
+
+    @property
+    def targets(self):
+        return int((self.labels != IGNORE).sum())
+
+
+def load_examples(path, tok, max_len, skip_bad=False):
+    """JSONL -> Examples and counts. Blank lines are not rows; a malformed row is an error naming its
+    line (or skipped and counted); a row longer than max_len is dropped and counted, never truncated."""
+    examples, counts = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            counts["rows"] += 1
+            try:
+                ids, labels = tokenize(to_messages(json.loads(line)), tok)
+                if all(x == IGNORE for x in labels):
+                    raise ValueError("no target tokens after rendering")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if not skip_bad:
+                    raise ValueError(f"{path}:{lineno}: {e} (use --skip-bad to skip such rows)") from None
+                counts["bad"] += 1
+                continue
+            if len(ids) > max_len:
+                counts["too_long"] += 1
+                continue
+            examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)))
+            counts["kept"] += 1
+            counts["tokens"] += len(ids)
+            counts["targets"] += examples[-1].targets
+    return examples, counts
+
+
+def pack(lengths, order, budget, packing=True):
+    """Rows in `order` -> micro-batches (lists of row indices) of at most `budget` tokens, filled in order."""
+    batches, current, used = [], [], 0
+    for i in order:
+        if current and (not packing or used + lengths[i] > budget):
+            batches.append(current)
+            current, used = [], 0
+        current.append(int(i))
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+def make_plan(lengths, args):
+    """Every optimizer step of the run, fixed in advance by the seed: a list of (epoch, fraction of the
+    epoch done after this step, micro-batches). A resumed run rebuilds the same plan."""
+    steps, epoch = [], 0
+    while (len(steps) < args.max_steps) if args.max_steps else epoch < args.epochs:
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(lengths))
+        micro = pack(lengths, order, args.batch_tokens, args.pack)
+        for i in range(0, len(micro), args.grad_accum):
+            steps.append((epoch, epoch + min(i + args.grad_accum, len(micro)) / len(micro), micro[i:i + args.grad_accum]))
+        epoch += 1
+    return steps[:args.max_steps] if args.max_steps else steps
+
+
+def my_share(micro_batches, procs, per_rank):
+    """This rank's micro-batches: r, r + W, ...; padded with empty ones so every rank runs the same
+    number of forward passes (FSDP's collectives must match)."""
+    mine = micro_batches[procs.rank::procs.world]
+    return mine + [[]] * (per_rank - len(mine))
+
+
+def collate(examples, rows, device):
+    """Rows -> one padding-free sequence (B = 1): ids, labels, positions restarting at 0 per document,
+    and cu_seqlens (the document boundaries) when there is more than one. No rows -> one dummy
+    token without a label (a no-op micro-batch for a rank with nothing left to do)."""
+    if not rows:
+        z = torch.zeros(1, 1, dtype=torch.long, device=device)
+        return {"ids": z, "labels": torch.full_like(z, IGNORE), "positions": z, "cu_seqlens": None}
+    docs = [examples[i] for i in rows]
+    lengths = [len(d.ids) for d in docs]
+    batch = {"ids": torch.cat([d.ids for d in docs]).long()[None],                        # (1, T)
+             "labels": torch.cat([d.labels for d in docs]).long()[None],                  # (1, T)
+             "positions": torch.cat([torch.arange(n) for n in lengths])[None],            # (1, T)
+             "cu_seqlens": torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32) if len(docs) > 1 else None}
+    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def lr_at(step, total, args):
+    """Linear warmup to --lr, then cosine down to lr * --min-lr-ratio. `step` counts from 0."""
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(lm, optimizer, batches, n_targets, procs, grad_clip):
+    """One optimizer step over this rank's micro-batches. Returns the step's mean loss over all ranks
+    and the gradient norm (before clipping)."""
+    loss_sum = torch.zeros((), device=procs.device)
+    for batch in batches:
+        loss = lm(**batch)  # summed over the micro-batch's target tokens
+        # / n_targets: a mean over every target of the step; * world: FSDP averages gradients over
+        # ranks, and we want their sum
+        (loss * (procs.world / n_targets)).backward()
+        loss_sum += loss.detach()
+    if procs.world > 1:
+        dist.all_reduce(loss_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    loss, grad_norm = loss_sum.item() / n_targets, grad_norm.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteLoss(f"loss {loss}, gradient norm {grad_norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(lm, examples, micro_batches, procs):
+    """Mean loss per target token over the held-out rows, the micro-batches shared across ranks."""
+    lm.eval()
+    per_rank = -(-len(micro_batches) // procs.world)
+    total = torch.zeros((), device=procs.device)
+    for rows in my_share(micro_batches, procs, per_rank):
+        total += lm(**collate(examples, rows, procs.device))
+    if procs.world > 1:
+        dist.all_reduce(total)
+    lm.train()
+    return total.item() / sum(examples[i].targets for rows in micro_batches for i in rows)
+
+
+def step_flops(config, matmul_params, doc_lengths):
+    """Model FLOPs of one training step: 6 per matmul parameter per token, plus causal attention per
+    document (forward 2 * H * D * L^2 per layer, backward 2.5x that). Recomputation is not counted."""
+    attn = 3.5 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    return 6 * matmul_params * sum(doc_lengths) + attn * sum(n * n for n in doc_lengths)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+class Meter:
+    """Throughput, MFU (on GPUs whose peak we know) and peak memory of a step."""
+
+    def __init__(self, lm, procs):
+        config = self.config = lm.model.config
+        self.matmul_params = sum(p.numel() for n, p in lm.model.named_parameters() if p.dim() == 2 and "embed" not in n)
+        if config.tie_word_embeddings:
+            self.matmul_params += config.vocab_size * config.hidden_size  # the head is a matmul even when tied
+        self.device, self.world = procs.device, procs.world
+        name = torch.cuda.get_device_name(procs.device) if procs.device.type == "cuda" else ""
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    def __call__(self, doc_lengths, seconds):
+        record = {"tokens_per_s": round(sum(doc_lengths) / seconds, 1),
+                  "peak_mem_gb": round(peak_memory_gb(self.device), 3)}
+        if self.peak:
+            flops = step_flops(self.config, self.matmul_params, doc_lengths)
+            record["mfu"] = round(flops / (seconds * self.peak * self.world), 4)
+        return record
+
+
+# ----------------------------------------------------------------------------- save / resume
+
+def checkpoints(out):
+    """Complete checkpoints in `out`, oldest first: step-<N> folders whose trainer_state.pt exists."""
+    found = [(int(p.name.split("-")[1]), p) for p in Path(out).glob("step-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def full_states(lm, optimizer):
+    """Full (unsharded) model and optimizer state dicts on CPU: on rank 0 under FSDP, everywhere otherwise."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(lm, options=options)
+    optim_state = get_optimizer_state_dict(lm, optimizer, options=options) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def write_model(model_state, config, folder, tokenizer_from, manifest):
+    """A full state dict (LossModel's keys) -> an HF folder, written atomically by model.save_model."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
+    model.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return save_model(model, folder, tokenizer_from=tokenizer_from, extra_files={"run.json": manifest})
+
+
+def save_checkpoint(lm, optimizer, out, step, trainer_state, manifest, args, procs):
+    """<out>/step-<N>/: HF weights (fp32, so a resume is exact) + trainer_state.pt, written last so its
+    presence means complete. Then only the newest --keep-last are kept."""
+    model_state, optim_state = full_states(lm, optimizer)
+    folder = Path(out) / f"step-{step}"
+    if procs.rank == 0:
+        write_model(model_state, lm.model.config, folder, args.model, {**manifest, "step": step})
+        tmp = folder / f".trainer_state.pt.tmp-{os.getpid()}"
+        torch.save({**trainer_state, "optimizer": optim_state}, tmp)
+        os.replace(tmp, folder / "trainer_state.pt")
+        if args.keep_last > 0:
+            for old in checkpoints(out)[:-args.keep_last]:
+                shutil.rmtree(old)
+    if procs.world > 1:
+        dist.barrier()
+    return folder
+
+
+def export_final(lm, out, args, manifest, procs):
+    """The final model into <out> itself. save_model replaces a whole folder, and <out> also holds the
+    checkpoints, so the model goes to a staging folder first and its files move in one by one:
+    config.json goes first out and last in, so <out> loads as a model only once every file is new."""
+    model_state, _ = full_states(lm, None)
+    if procs.rank == 0:
+        out, staging = Path(out), Path(out) / ".final"
+        write_model(model_state, lm.model.config, staging, args.model, manifest)
+        for old in [out / "config.json", *out.glob("model*.safetensors*")]:
+            old.unlink(missing_ok=True)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, out / f.name)
+        staging.rmdir()
+    if procs.world > 1:
+        dist.barrier()
+
+
+def run_fingerprint(args, data_sha):
+    """What fixes the sequence of batches and learning rates: a resume must match it."""
+    keys = ("seed", "epochs", "max_steps", "max_len", "batch_tokens", "grad_accum", "pack", "lr", "warmup_steps",
+            "warmup_ratio", "min_lr_ratio")
+    return {"data_sha256": data_sha, **{k: getattr(args, k) for k in keys}}
+
+
+def restore(ckpt, optimizer, lm, fingerprint):
+    """Load trainer_state.pt of a checkpoint into the optimizer and the RNGs; returns the state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    differs = [f"{k}: {state['fingerprint'].get(k)!r} then, {v!r} now" for k, v in fingerprint.items()
+               if state["fingerprint"].get(k) != v]
+    if differs:
+        raise ValueError(f"{ckpt}: --resume with settings that change the run:\n  " + "\n  ".join(differs))
+    set_optimizer_state_dict(lm, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "python": random.getstate()}
+
+
+def append_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, step):
+    """A killed run may have logged steps after its last checkpoint; they are redone, so drop them
+    (all of them when starting from step 0)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and step > 0 and json.loads(l)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(l + "\n" for l in lines))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def starting_point(args, out, say):
+    """The newest complete checkpoint when resuming, else None; refuses to overwrite a previous run."""
+    found = checkpoints(out)
+    if args.resume and not found:
+        say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
+    if not args.resume and (found or (out / "config.json").exists()):
+        raise FileExistsError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
+    return found[-1] if args.resume and found else None
+
+
+def resolve_sizes(args, config, procs):
+    """Defaults that depend on the model and the number of processes, and their checks."""
+    args.max_len = args.max_len or config.max_position_embeddings
+    args.batch_tokens = args.batch_tokens or args.max_len
+    args.grad_accum = args.grad_accum or procs.world
+    if args.batch_tokens < args.max_len:
+        raise ValueError(f"--batch-tokens {args.batch_tokens} < --max-len {args.max_len}: the longest rows would not fit")
+    if args.grad_accum % procs.world:
+        raise ValueError(f"--grad-accum {args.grad_accum} is not a multiple of the {procs.world} processes")
+
+
+def load_data(args, tok, say):
+    """Training examples, and the held-out examples with their micro-batches (or None)."""
+    examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad)
+    say(f"data {args.data}: {counts['rows']} rows, {counts['kept']} kept, {counts['too_long']} longer than "
+        f"--max-len {args.max_len} dropped, {counts['bad']} malformed skipped; {counts['tokens']:,} tokens, "
+        f"{counts['targets']:,} of them targets")
+    if not examples:
+        raise ValueError(f"{args.data}: no usable rows")
+    held_out = None
+    if args.eval_data:
+        rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad)
+        if not rows:
+            raise ValueError(f"{args.eval_data}: no usable rows")
+        held_out = (rows, pack([len(e.ids) for e in rows], range(len(rows)), args.batch_tokens, args.pack))
+        say(f"eval {args.eval_data}: {eval_counts['kept']} of {eval_counts['rows']} rows kept, "
+            f"{eval_counts['targets']:,} targets")
+    return examples, counts, held_out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    procs = setup_processes(args.device)
+    say = print if procs.rank == 0 else (lambda *a, **k: None)
+    out = Path(args.out)
+    ckpt = starting_point(args, out, say)
+
+    # setup
+    dtype = pick_dtype(args.dtype, procs.device.type)
+    tok = Tokenizer(args.model)
+    lm = build_model(ckpt or args.model, args, procs, dtype)
+    resolve_sizes(args, lm.model.config, procs)
+    optimizer = build_optimizer(lm, args, procs.device)
+
+    # data
+    examples, counts, held_out = load_data(args, tok, say)
+    plan = make_plan([len(e.ids) for e in examples], args)
+    total = len(plan)
+    say(f"{total} steps of {args.grad_accum} micro-batches of <= {args.batch_tokens} tokens, {procs.world} "
+        f"process(es), {procs.device}, {str(dtype).removeprefix('torch.')} compute")
+
+    # where the run stands
+    fingerprint = run_fingerprint(args, sha256_file(args.data))
+    manifest = run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
+                            inputs=[args.data] + ([args.eval_data] if args.eval_data else []), model_dir=args.model)
+    start, progress = 0, {"tokens": 0, "train_s": 0.0}
+    if ckpt is not None:
+        state = restore(ckpt, optimizer, lm, fingerprint)
+        start, progress = state["step"], state["progress"]
+        manifest["resumed_from"] = str(ckpt)
+        say(f"resumed from {ckpt} at step {start}")
+    metrics_path = out / "metrics.jsonl"
+    if procs.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, start)
+    meter, last_ckpt, loss, eval_loss = Meter(lm, procs), ckpt, None, None
+    if held_out and start == 0:
+        eval_loss = evaluate(lm, *held_out, procs)
+        say(f"step 0: eval_loss {eval_loss:.4f}")
+        if procs.rank == 0:
+            append_metrics(metrics_path, {"step": 0, "eval_loss": eval_loss})
+
+    # the loop
+    bar = tqdm(total=total, initial=start, disable=procs.rank != 0, dynamic_ncols=True)
+    for step in range(start, total):
+        epoch, epoch_done, micro = plan[step]
+        lr = lr_at(step, total, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [collate(examples, rows, procs.device) for rows in my_share(micro, procs, args.grad_accum // procs.world)]
+        n_targets = sum(examples[i].targets for rows in micro for i in rows)  # every rank knows the whole plan
+        t0 = time.perf_counter()
+        try:
+            loss, grad_norm = train_step(lm, optimizer, batches, n_targets, procs, args.grad_clip)
+        except NonFiniteLoss as e:
+            raise RuntimeError(f"step {step + 1}: {e}; stopped before the update. The last good checkpoint is "
+                               f"{last_ckpt or 'none (no checkpoint was written)'}") from None
+        if procs.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        docs = [len(examples[i].ids) for rows in micro for i in rows]
+        progress["tokens"] += sum(docs)
+        progress["train_s"] += seconds
+        record = {"step": step + 1, "epoch": round(epoch_done, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": sum(docs), "targets": n_targets, **meter(docs, seconds)}
+        if held_out and (step + 1 == total or args.eval_every and (step + 1) % args.eval_every == 0):
+            record["eval_loss"] = eval_loss = evaluate(lm, *held_out, procs)
+        if procs.rank == 0:
+            append_metrics(metrics_path, record)
+            bar.update(1)
+            bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            state = {"step": step + 1, "epoch": epoch, "fingerprint": fingerprint, "progress": progress,
+                     "rng": rng_states(), "last_metrics": record}
+            last_ckpt = save_checkpoint(lm, optimizer, out, step + 1, state, manifest, args, procs)
+    bar.close()
+
+    # save
+    manifest.update(steps=total, train_tokens=progress["tokens"], train_s=round(progress["train_s"], 1),
+                    wall_s=round(time.time() - started, 1), final_loss=loss, final_eval_loss=eval_loss)
+    export_final(lm, out, args, manifest, procs)
+    say(f"final model: {out}")
+    if procs.world > 1:
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main()
