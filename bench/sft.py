@@ -137,6 +137,7 @@ def main():
                     row[f"{impl}_first_loss"] = r["first_loss"][impl]
             for impl in times:
                 row[f"{impl}_tok_s"] = seq / statistics.median(times[impl])
+                row[f"{impl}_step_s"] = [round(t, 3) for t in times[impl]]
             print(f"  T={seq} {dtype}: ours {row['ours_tok_s']:,.0f} tok/s {row['ours_peak_gb']:.2f} GB, "
                   f"hf {row['hf_tok_s']:,.0f} tok/s {row['hf_peak_gb']:.2f} GB", file=sys.stderr, flush=True)
             results.append(row)
