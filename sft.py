@@ -64,9 +64,17 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B
 
 # ----------------------------------------------------------------------------- arguments
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help explains its own or there is nothing to show."""
+    def _get_help_string(self, action):
+        if "default" in action.help or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
                    "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
@@ -99,7 +107,8 @@ def parse_args(argv=None):
                    "(activation memory of one block instead of all)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when torch sees a GPU (one per torchrun process), else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (autocast); weights and optimizer state stay float32. "
                         "auto: bfloat16 on GPU, float32 on CPU")
@@ -433,7 +442,8 @@ def save_checkpoint(lm, optimizer, out, step, trainer_state, manifest, args, pro
     model_state, optim_state = full_states(lm, optimizer)
     folder = Path(out) / f"step-{step}"
     if procs.rank == 0:
-        write_model(model_state, lm.model.config, folder, args.model, {**manifest, "step": step})
+        write_model(model_state, lm.model.config, folder, args.model,
+                    {**manifest, "step": step, "metrics": trainer_state["last_metrics"]})
         tmp = folder / f".trainer_state.pt.tmp-{os.getpid()}"
         torch.save({**trainer_state, "optimizer": optim_state}, tmp)
         os.replace(tmp, folder / "trainer_state.pt")
