@@ -164,19 +164,22 @@ def _query_block_bounds(start_m, rows, T, DOC_START, DOC_END,
 
 
 @triton.jit
+def _load_kv(K_head, V_head, stride_kt, stride_vt, cols, offs_d, T, MASKED: tl.constexpr):
+    """One block of keys and values; only edge blocks pay for the bounds mask."""
+    k_ptrs = K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]  # (BN, D)
+    v_ptrs = V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]  # (BN, D)
+    if MASKED:
+        return tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0), tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
+    return tl.load(k_ptrs), tl.load(v_ptrs)
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo, rows_hi, start, end, T, qk_scale,
                 MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
-        k_ptrs = K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]  # (BN, D)
-        v_ptrs = V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]  # (BN, D)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _load_kv(K_head, V_head, stride_kt, stride_vt, cols, offs_d, T, MASKED)  # (BN, D) each
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN) scores, base-2 units
         if MASKED:
             seen = (cols[None, :] >= rows_lo[:, None]) & (cols[None, :] < rows_hi[:, None])  # (BM, BN)
@@ -349,14 +352,7 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
-        k_ptrs = K_head + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]  # (BN, D)
-        v_ptrs = V_head + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]  # (BN, D)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _load_kv(K_head, V_head, stride_kt, stride_vt, cols, offs_d, T, MASKED)  # (BN, D) each
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN)
         p = tl.exp2(s - lse2[:, None])  # (BM, BN)
         if MASKED:
