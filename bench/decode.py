@@ -2,10 +2,12 @@
 
     python bench/decode.py                      # SmolLM2-135M-Instruct, float32 and bfloat16
     python bench/decode.py --model DIR --dtypes bfloat16 --new-tokens 128 --repeats 5
+    python bench/decode.py --model /tmp/qwen1.5b --dtypes bfloat16 --samples 64 --compile   # GPU (see random_model.py)
 
 Two workloads, each forced to write exactly --new-tokens tokens (stop tokens ignored): batch 1
 greedy, and 16 samples of one prompt at T=0.6. Runs alternate between us and transformers and
-the median of --repeats is reported. Also prints the memory-bandwidth bound of batch 1 (every
+the median of --repeats is reported. --compile adds our sampler with `--compile` (static cache;
+CUDA graphs on GPU), warmed up at the full length so that compilation is not timed. Also prints the memory-bandwidth bound of batch 1 (every
 weight byte read once per token, at the copy bandwidth measured here) and our fraction of it.
 """
 import argparse
@@ -69,6 +71,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time our sampler with --compile")
     args = p.parse_args()
     import transformers
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -76,7 +79,7 @@ def main():
     bw = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{'dtype':9} {'workload':22} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}")
+    print(f"{'dtype':9} {'workload':32} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}")
     for dtype in args.dtypes.split(","):
         sampler = LocalSampler(args.model, device=device, dtype=dtype, batch_size=args.samples)
         sampler.stop_ids = set()  # write exactly new_tokens tokens, like min_new_tokens does for transformers
@@ -85,21 +88,35 @@ def main():
         # bytes read per decoded token: every matrix once, the embedding table only one row (ignored)
         weight_bytes = sum(t.numel() * t.element_size() for k, t in sampler.model.named_parameters(remove_duplicate=False)
                            if k != "model.embed_tokens.weight")
-        results = {}
-        for name, n, temp in (("batch 1 greedy", 1, 0.0), (f"{args.samples} samples T=0.6", args.samples, 0.6)):
+        workloads = (("batch 1 greedy", 1, 0.0), (f"{args.samples} samples T=0.6", args.samples, 0.6))
+        results, hf_results = {}, {}
+        for name, n, temp in workloads:
             ours(sampler, n, 16, temp), theirs(hf, ids, n, 16, temp)  # warm up
             a, b = [], []
             for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
                 a.append(ours(sampler, n, args.new_tokens, temp))
                 b.append(theirs(hf, ids, n, args.new_tokens, temp))
-            results[name] = statistics.median(a)
-            print(f"{dtype:9} {name:22} {results[name]:11.1f} {statistics.median(b):10.1f} "
-                  f"{results[name] / statistics.median(b):5.2f}x")
+            results[name], hf_results[name] = statistics.median(a), statistics.median(b)
+            report(dtype, name, results[name], hf_results[name])
         bound = bw / weight_bytes
         b1 = results["batch 1 greedy"]
         print(f"{dtype:9} batch-1 bandwidth bound {bound:.1f} tok/s ({weight_bytes / 1e6:.0f} MB of weights per token): "
-              f"ours reaches {b1 / bound:.0%}; {args.samples} samples = {results[f'{args.samples} samples T=0.6'] / b1:.1f}x our batch 1")
+              f"ours reaches {b1 / bound:.0%}; {args.samples} samples = {results[workloads[1][0]] / b1:.1f}x our batch 1",
+              flush=True)
+        if args.compile:  # after the eager rows, so that a slow compilation cannot hide them
+            del sampler
+            compiled = LocalSampler(args.model, device=device, dtype=dtype, batch_size=args.samples, compile=True)
+            compiled.stop_ids = set()
+            for name, n, temp in workloads:
+                ours(compiled, n, args.new_tokens, temp)  # compiles: one graph per batch size and cache length
+                c = statistics.median(ours(compiled, n, args.new_tokens, temp) for _ in range(args.repeats))
+                report(dtype, name + " --compile", c, hf_results[name])
+                if n == 1:
+                    print(f"{dtype:9} --compile batch 1 reaches {c / bound:.0%} of the bandwidth bound", flush=True)
 
+
+def report(dtype, name, ours_tps, hf_tps):
+    print(f"{dtype:9} {name:32} {ours_tps:11.1f} {hf_tps:10.1f} {ours_tps / hf_tps:5.2f}x", flush=True)
 
 if __name__ == "__main__":
     main()

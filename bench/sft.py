@@ -113,6 +113,7 @@ def main():
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of our loss (default: the kernel's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200 SXM: 989)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--child", choices=["speed", "ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -145,6 +146,16 @@ def main():
           f"{args.rounds} round(s) x {args.steps} timed steps each, grad checkpointing {'on' if args.grad_checkpointing else 'off'}")
     print(f"{'T':>6} {'dtype':>9} | {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} | {'ours GB':>8} {'hf GB':>7} "
           f"{'ratio':>6} | {'loss ours':>9} {'loss hf':>8}")
+    if results[0]["device"] != "cpu":  # model FLOPs utilization: 6 FLOPs per matmul weight per token, plus causal attention
+        c = json.loads((Path(args.model) / "config.json").read_text())
+        D = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv, L, H = c["num_key_value_heads"], c["num_hidden_layers"], c["hidden_size"]
+        weights = L * (H * D * (2 * c["num_attention_heads"] + 2 * kv) + 3 * H * c["intermediate_size"]) + H * c["vocab_size"]
+        for r in results:
+            flops = 6 * weights + 6 * L * r["T"] * c["num_attention_heads"] * D  # per token; 12 L T d halved by causality
+            r["ours_mfu"], r["hf_mfu"] = (r[f"{i}_tok_s"] * flops / (args.peak_tflops * 1e12) for i in ("ours", "hf"))
+            print(f"  T={r['T']} {r['dtype']}: MFU ours {r['ours_mfu']:.1%}, transformers {r['hf_mfu']:.1%} "
+                  f"(of {args.peak_tflops:.0f} TFLOP/s)")
     for r in results:
         print(f"{r['T']:>6} {r['dtype']:>9} | {r['ours_tok_s']:>10,.0f} {r['hf_tok_s']:>9,.0f} "
               f"{r['ours_tok_s'] / r['hf_tok_s']:>5.2f}x | {r['ours_peak_gb']:>8.2f} {r['hf_peak_gb']:>7.2f} "

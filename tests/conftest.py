@@ -31,6 +31,13 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(request):
+    """A folder with SmolLM2's tokenizer files: the model folder, whose weights need not be there
+    (a GPU machine is sent the tokenizer files alone)."""
+    return SMOLLM2 if (SMOLLM2 / "tokenizer.json").exists() else request.getfixturevalue("smollm2")
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     if not DATA.is_dir():
         pytest.skip(f"{DATA} not found")
