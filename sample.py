@@ -1,12 +1,22 @@
 """Sampling from a local model folder or an OpenAI-compatible endpoint, behind one interface.
 
     python sample.py --model checkpoints/smollm2-135m-instruct --chat --prompt "What is 7*8?"
+    python sample.py --model DIR --chat --prompt "..." --temperature 0.6 --num-samples 4 --json
+    python sample.py --base-url https://api.deepseek.com/v1 --api-model deepseek-reasoner --chat --prompt "..."
 
-(Skeleton: the shared interface. The local decoder and the endpoint client are filled in below.)
+Reading order: the request/completion types; the local sampler (prefill once per prompt, decode a
+batch one token at a time into a preallocated KV cache, refill or drop finished rows, budget
+forcing); the endpoint client (same generate() over HTTP); the command line.
 """
+import http.client
 import json
+import os
+import random
 import sys
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,16 +59,16 @@ class Completion:
 # ---- Local model: prefill, decode one token, decode many ----
 
 def sample_token(logits, params, generators):
-    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise draw from the
-    filtered distribution with the exponential race (argmax of p / E, E ~ Exp(1)), an exact
-    categorical sample. Each row's noise comes from its own generator, so a row's tokens depend
-    only on its seed, never on which other rows share the batch."""
+    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise an exact draw
+    from the filtered distribution by inverting its CDF at one uniform number per row. Each row's
+    number comes from its own random.Random, so a row's tokens depend only on its seed, never on
+    which other rows share the batch; and a batch costs one cumsum and one search, not B draws of V."""
     if params.temperature == 0:
         return logits.argmax(-1)
-    probs = filtered_probs(logits, params)                                              # (B, V)
-    uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g)
-                           for g in generators])                                        # (B, V)
-    return (probs / -uniform.log()).argmax(-1)  # -log(U) ~ Exp(1); torch.rand is ~20x faster than exponential_
+    cdf = filtered_probs(logits, params).double().cumsum(-1)                           # (B, V)
+    u = torch.tensor([g.random() for g in generators], dtype=torch.float64, device=logits.device)  # (B,) in [0, 1)
+    # the first token whose cumulative mass exceeds u * total; a token of zero mass never qualifies
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
 
 def filtered_probs(logits, params):
@@ -88,7 +98,7 @@ class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
     def __init__(self, index, request, prompt_len, device):
         self.index, self.prompt_len = index, prompt_len
-        self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.generator = random.Random(request.seed)
         self.tokens = []          # generated ids, forced ones included
         self.forced = []          # ids to emit next instead of sampling (budget forcing)
         self.thinking = True      # until "</think>" appears; budgets count the tokens before it
@@ -256,19 +266,9 @@ class LocalSampler:
 ANSWER_CUE = "Final Answer: "  # what budget forcing appends after "</think>" (s1 uses the same cue)
 
 
-
 # ---- OpenAI-compatible endpoint ----
 # The same generate/describe interface over any server that speaks the chat-completions protocol
 # (OpenAI, DeepSeek, vLLM, SGLang, llama.cpp). Standard library only: urllib + a thread pool.
-# (Imports kept with the section so it stays self-contained; hoist them if you prefer.)
-import json
-import os
-import random
-import time
-import http.client
-import urllib.error
-import urllib.request
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 RETRY_STATUSES = {408, 409, 429}          # plus every 5xx
 
@@ -506,8 +506,8 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes; "
-                   "meant for CUDA: on CPU it measured 20x slower than eager)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: static shapes, "
+                   "replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
     add_sampling_args(p)
     args = p.parse_args(argv)
     if not args.prompt.strip():
