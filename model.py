@@ -264,7 +264,7 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         visible = None
         if cache is not None:  # which cached keys each query sees: those at or before its position
-            L = cache.length or cache.k.shape[3]
+            L = cache.length or cache.max_len
             visible = torch.arange(L, device=ids.device) <= positions[:, None, :, None]  # (B, 1, T, L)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -279,28 +279,39 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, B, Hkv, max_len, D). A static buffer is
-    what makes CUDA graphs / torch.compile of the decode step possible. Rows fill from position 0."""
+    """Preallocated keys and values, one (B, Hkv, max_len, D) buffer per layer. Static buffers are what
+    make torch.compile / CUDA graphs of the decode step possible; one buffer per layer (not one
+    stacked tensor) because a compiled in-place write into a slice of a graph input is turned into a
+    copy of the whole input. Rows fill from position 0."""
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
         self.rows = batch_size  # rows in use: the sampler shrinks the batch as completions finish
         self.length = None      # if set, attend only to the first `length` slots (the sampler's bound)
 
     def update(self, layer, positions, k, v):
         """Write k, v (B, Hkv, T, D) at positions (B, T); return the visible slice (B, Hkv, L, D)."""
+        keys, values = self.k[layer], self.v[layer]
+        if self.rows != self.batch_size:
+            keys, values = keys[:self.rows], values[:self.rows]
         index = positions[:, None, :, None].expand_as(k)               # (B, Hkv, T, D)
-        keys, values = self.k[layer, :self.rows], self.v[layer, :self.rows]
         keys.scatter_(2, index, k)
         values.scatter_(2, index, v)
-        L = self.length or keys.shape[2]
+        L = self.length or self.max_len
         return keys[:, :, :L], values[:, :, :L]
+
+    def write(self, rows, other):
+        """Copy all of another cache's row 0 (a prefill) into `rows`."""
+        n = other.max_len
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[rows, :, :n] = theirs[:1]
 
     def copy_rows(self, src_row, dst_rows, length):
         """Copy one row's first `length` positions to other rows (prefill once, sample n times)."""
-        self.k[:, dst_rows, :, :length] = self.k[:, src_row:src_row + 1, :, :length]
-        self.v[:, dst_rows, :, :length] = self.v[:, src_row:src_row + 1, :, :length]
+        for buf in self.k + self.v:
+            buf[dst_rows, :, :length] = buf[src_row:src_row + 1, :, :length]
 
 
 # ----------------------------------------------------------------------------- load / save

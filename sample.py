@@ -220,11 +220,11 @@ class LocalSampler:
             return KVCache(self.model.config, B, max_len, self.device, self.dtype)
         max_len = min(self.model.config.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
         c = self.static_cache
-        if c is None or c.k.shape[1] != B or c.k.shape[3] < max_len:
+        if c is None or c.batch_size != B or c.max_len < max_len:
             c = self.static_cache = None  # free the old one first
             c = self.static_cache = KVCache(self.model.config, B, max_len, self.device, self.dtype)
-            torch._dynamo.mark_static_address(c.k)
-            torch._dynamo.mark_static_address(c.v)
+            for buf in c.k + c.v:
+                torch._dynamo.mark_static_address(buf)
         return c
 
     def prefill(self, prompt, cache, slot, n):
@@ -232,9 +232,7 @@ class LocalSampler:
         scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
         ids = torch.tensor([prompt], device=self.device)                                 # (1, P)
         logits = self.model(ids, cache=scratch, positions=torch.arange(len(prompt), device=self.device)[None])
-        P = len(prompt)
-        cache.k[:, slot:slot + n, :, :P] = scratch.k
-        cache.v[:, slot:slot + n, :, :P] = scratch.v
+        cache.write(slice(slot, slot + n), scratch)
         return logits[0, -1].float()
 
     def choose(self, rows, logits, params):
