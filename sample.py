@@ -61,12 +61,12 @@ class Completion:
 def sample_token(logits, params, generators):
     """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise an exact draw
     from the filtered distribution by inverting its CDF at one uniform number per row. Each row's
-    number comes from its own random.Random, so a row's tokens depend only on its seed, never on
-    which other rows share the batch; and a batch costs one cumsum and one search, not B draws of V."""
+    number comes from its own (CPU) torch.Generator, so a row's tokens depend only on its seed, never
+    on which other rows share the batch; and a batch costs one cumsum and one search, not B draws of V."""
     if params.temperature == 0:
         return logits.argmax(-1)
     cdf = filtered_probs(logits, params).double().cumsum(-1)                           # (B, V)
-    u = torch.tensor([g.random() for g in generators], dtype=torch.float64, device=logits.device)  # (B,) in [0, 1)
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators]).to(logits.device)  # (B,) in [0, 1)
     # the first token whose cumulative mass exceeds u * total; a token of zero mass never qualifies
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
@@ -98,7 +98,7 @@ class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
     def __init__(self, index, request, prompt_len, device):
         self.index, self.prompt_len = index, prompt_len
-        self.generator = random.Random(request.seed)
+        self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
         self.tokens = []          # generated ids, forced ones included
         self.forced = []          # ids to emit next instead of sampling (budget forcing)
         self.thinking = True      # until "</think>" appears; budgets count the tokens before it

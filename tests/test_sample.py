@@ -5,7 +5,6 @@ sampling equals one-by-one; the sampling distributions are right; budget forcing
 """
 import json
 import math
-import random
 import subprocess
 import sys
 from collections import Counter
@@ -113,7 +112,7 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # 99.9% quantiles
 
 
 def draw(logits, params, n=20000, seed=0):
-    g = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
     rows = logits.expand(500, -1)
     counts = Counter()
     for _ in range(n // 500):
@@ -174,10 +173,10 @@ def test_greedy_is_argmax_and_seed_reproduces():
     logits = torch.randn(4, 100)
     assert torch.equal(sample_token(logits, SamplingParams(temperature=0), []), logits.argmax(-1))
     p = SamplingParams(temperature=1.0)
-    a = sample_token(logits, p, [random.Random(s) for s in range(4)])
-    b = sample_token(logits, p, [random.Random(s) for s in range(4)])
+    a = sample_token(logits, p, [torch.Generator().manual_seed(s) for s in range(4)])
+    b = sample_token(logits, p, [torch.Generator().manual_seed(s) for s in range(4)])
     assert torch.equal(a, b)
-    assert len({sample_token(logits[:1], p, [random.Random(s)]).item() for s in range(50)}) > 1  # seeds differ
+    assert len({sample_token(logits[:1], p, [torch.Generator().manual_seed(s)]).item() for s in range(50)}) > 1  # seeds differ
 
 
 # ----------------------------------------------------------------------------- budget forcing
