@@ -328,6 +328,8 @@ def build_parser():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local teacher")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local teacher")
     ap.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local teacher)")
+    ap.add_argument("--compile", action="store_true", help="local teacher: torch.compile the decode step "
+                    "(CUDA graphs on GPU; see sample.py)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per request: long enough for the "
                     "slowest real answer, since a timed-out request is paid for and asked again (default 1800)")
     return ap
@@ -489,7 +491,7 @@ def main(argv=None):
                                       base_url=args.teacher if endpoint else None, api_model=args.api_model,
                                       device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                       concurrency=args.concurrency,
-                                      api_key_env=args.api_key_env, timeout=args.timeout)
+                                      api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile)
     summary = {"config": config, "samples_per_problem": args.samples_per_problem,
                "max_tokens": args.max_tokens, "max_total_tokens": args.max_total_tokens,
                "teacher": sampler.describe() if sampler else previous.get("teacher"),

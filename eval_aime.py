@@ -436,7 +436,8 @@ def build_sampler(args, world):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return sample.make_sampler(model=args.model, base_url=args.base_url, api_model=args.api_model,
                                device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                               concurrency=args.concurrency, api_key_env=args.api_key_env, timeout=args.timeout)
+                               concurrency=args.concurrency, api_key_env=args.api_key_env, timeout=args.timeout,
+                               compile=args.compile)
 
 
 def gather(out, done, needed, rank, world, wait_for_others):

@@ -131,7 +131,7 @@ class LocalSampler:
     def describe(self):
         manifest = self.model_dir / "run.json"
         return {"kind": "local", "model": str(self.model_dir.resolve()), "device": self.device,
-                "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size,
+                "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size, "compile": self.compile,
                 "manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
 
     def prompt_ids(self, request):
@@ -483,6 +483,8 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local models)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
+                   "shapes, replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
@@ -504,8 +506,6 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: static shapes, "
-                   "replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
     add_sampling_args(p)
     args = p.parse_args(argv)
     if not args.prompt.strip():
