@@ -96,7 +96,7 @@ def filtered_probs(logits, params):
 
 class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
-    def __init__(self, index, request, prompt_len, device):
+    def __init__(self, index, request, prompt_len):
         self.index, self.prompt_len = index, prompt_len
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
         self.tokens = []          # generated ids, forced ones included
@@ -171,7 +171,7 @@ class LocalSampler:
                 else:
                     waiting.pop(0)
                 first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
-                rows += [Row(i, requests[i], len(prompt), self.device) for i in take]
+                rows += [Row(i, requests[i], len(prompt)) for i in take]
                 logits = torch.cat([logits, first.expand(len(take), -1)])
             tokens = self.choose(rows, logits, params)
             total += len(rows)
