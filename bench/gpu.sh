@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check and timing in one run, for a lent GPU machine (figures go into BENCHMARKS.md):
+# Every GPU check and timing in one run (the figures in BENCHMARKS.md come from it):
 #
 #     bash bench/gpu.sh            # needs checkpoints/smollm2-135m-instruct/tokenizer*.json (not the weights)
 #
