@@ -8,15 +8,18 @@ Two workloads, each forced to write exactly --new-tokens tokens (stop tokens ign
 greedy, and 16 samples of one prompt at T=0.6. Runs alternate between us and transformers and
 the median of --repeats is reported. --compile adds our sampler with `--compile` (static cache;
 CUDA graphs on GPU), warmed up at the full length so that compilation is not timed. Also prints the memory-bandwidth bound of batch 1 (every
-weight byte read once per token, at the copy bandwidth measured here) and our fraction of it.
+weight byte read once per token, at the copy bandwidth measured here) and our fraction of it, and
+the floor set by the matrix-vector products alone (what no decoder calling the same kernels can beat).
 """
 import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sample import LocalSampler, Request, SamplingParams  # noqa: E402
@@ -36,6 +39,26 @@ def copy_bandwidth(device, nbytes=256 << 20, repeats=5):
         sync(device)
         times.append(time.perf_counter() - t)
     return 2 * nbytes / min(times)
+
+
+def matvec_seconds(model, device, dtype, spill_bytes=512 << 20, calls=400):
+    """Seconds per token spent in the model's matrix-vector products alone (batch 1): each weight
+    shape timed on its own, over enough distinct copies that the weights come from memory, not
+    cache, then summed over the layers. No decoder that calls the same GEMV kernels beats this."""
+    shapes = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total = 0.0
+    for (n, k), count in shapes.items():
+        weights = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(max(2, spill_bytes // (n * k * 2)))]
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        for w in weights[:2]:
+            F.linear(x, w)
+        sync(device)
+        t = time.perf_counter()
+        for i in range(calls):
+            F.linear(x, weights[i % len(weights)])
+        sync(device)
+        total += count * (time.perf_counter() - t) / calls
+    return total
 
 
 def sync(device):
@@ -107,6 +130,11 @@ def main():
             print(f"{dtype:9} batch-1 bandwidth bound {bound:.1f} tok/s ({weight_bytes / 1e6:.0f} MB of weights per token): "
                   f"ours reaches {b1 / bound:.0%}; {args.samples} samples = {results[workloads[1][0]] / b1:.1f}x our batch 1",
                   flush=True)
+        if b1:
+            gemv = matvec_seconds(sampler.model, device, sampler.dtype)
+            print(f"{dtype:9} batch-1 matrix-vector products alone: {gemv * 1e3:.1f} ms per token, so at most "
+                  f"{1 / gemv:.1f} tok/s = {1 / gemv / hf_results['batch 1 greedy']:.2f}x transformers; "
+                  f"ours spends {1 / b1 - gemv:+.4f} s per token beyond them", flush=True)
         if args.compile:  # after the eager rows, so that a slow compilation cannot hide them
             del sampler
             compiled = LocalSampler(args.model, device=device, dtype=dtype, batch_size=args.samples, compile=True)
