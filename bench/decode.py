@@ -5,11 +5,12 @@
     python bench/decode.py --model /tmp/qwen1.5b --dtypes bfloat16 --samples 64 --compile   # GPU (see random_model.py)
 
 Two workloads, each forced to write exactly --new-tokens tokens (stop tokens ignored): batch 1
-greedy, and 16 samples of one prompt at T=0.6. Runs alternate between us and transformers and
-the median of --repeats is reported. --compile adds our sampler with `--compile` (static cache;
-CUDA graphs on GPU), warmed up at the full length so that compilation is not timed. Also prints the memory-bandwidth bound of batch 1 (every
-weight byte read once per token, at the copy bandwidth measured here) and our fraction of it, and
-the floor set by the matrix-vector products alone (what no decoder calling the same kernels can beat).
+greedy, and 16 samples of one prompt at T=0.6. Runs alternate between us and transformers and the
+median of --repeats is reported. --compile adds our sampler with `--compile` (static cache; CUDA
+graphs on GPU), warmed up at the full length so that compilation is not timed. Also prints the
+memory-bandwidth bound of batch 1 (every weight byte read once per token, at the copy bandwidth
+measured here) and our fraction of it, and the floor set by the matrix-vector products alone (what
+no decoder calling the same kernels can beat).
 """
 import argparse
 import statistics
