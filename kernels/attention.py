@@ -141,20 +141,30 @@ def _split(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _doc_ranges(start, end, idx, T, DOC_START, DOC_END, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions idx = [start, end) of one block, packed documents or not: each one's document
+    [idx_lo, idx_hi), and the union (lo, hi) and intersection (full_lo, full_hi) of those ranges.
+    Documents are contiguous: the first position's document starts first, the last one's ends last."""
+    if VARLEN:
+        idx_lo = tl.load(DOC_START + idx, mask=idx < T, other=0)
+        idx_hi = tl.load(DOC_END + idx, mask=idx < T, other=0)
+        lo, full_lo = tl.load(DOC_START + start), tl.load(DOC_START + end - 1)
+        full_hi, hi = tl.load(DOC_END + start), tl.load(DOC_END + end - 1)
+    else:
+        idx_lo = tl.zeros([BLOCK], tl.int32)
+        idx_hi = tl.zeros([BLOCK], tl.int32) + T
+        lo, full_lo, full_hi, hi = 0, 0, T, T
+    return idx_lo, idx_hi, lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _query_block_bounds(start_m, rows, T, DOC_START, DOC_END,
                         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query rows [start_m, start_m + BLOCK_M): each row sees keys [rows_lo, rows_hi);
     the key blocks to visit, split as in _split."""
     end_m = tl.minimum(start_m + BLOCK_M, T)
-    if VARLEN:  # documents are contiguous: the first row's document starts first, the last row's ends last
-        rows_lo = tl.load(DOC_START + rows, mask=rows < T, other=0)
-        rows_hi = tl.load(DOC_END + rows, mask=rows < T, other=0)
-        lo, full_lo = tl.load(DOC_START + start_m), tl.load(DOC_START + end_m - 1)
-        full_hi, hi = tl.load(DOC_END + start_m), tl.load(DOC_END + end_m - 1)
-    else:
-        rows_lo = tl.zeros([BLOCK_M], tl.int32)
-        rows_hi = tl.zeros([BLOCK_M], tl.int32) + T
-        lo, full_lo, full_hi, hi = 0, 0, T, T
+    rows_lo, rows_hi, lo, full_lo, full_hi, hi = _doc_ranges(start_m, end_m, rows, T, DOC_START, DOC_END,
+                                                             VARLEN, BLOCK_M)
     if CAUSAL:
         rows_hi = tl.minimum(rows_hi, rows + 1)
         full_hi = tl.minimum(full_hi, start_m + 1)
@@ -307,15 +317,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
 
     # each key is seen by queries [cols_lo, cols_hi); the query blocks to visit, as in _query_block_bounds
     end_n = tl.minimum(start_n + BLOCK_N, T)
-    if VARLEN:
-        cols_lo = tl.load(DOC_START + cols, mask=cols < T, other=0)
-        cols_hi = tl.load(DOC_END + cols, mask=cols < T, other=0)
-        lo, full_lo = tl.load(DOC_START + start_n), tl.load(DOC_START + end_n - 1)
-        full_hi, hi = tl.load(DOC_END + start_n), tl.load(DOC_END + end_n - 1)
-    else:
-        cols_lo = tl.zeros([BLOCK_N], tl.int32)
-        cols_hi = tl.zeros([BLOCK_N], tl.int32) + T
-        lo, full_lo, full_hi, hi = 0, 0, T, T
+    cols_lo, cols_hi, lo, full_lo, full_hi, hi = _doc_ranges(start_n, end_n, cols, T, DOC_START, DOC_END,
+                                                             VARLEN, BLOCK_N)
     if CAUSAL:
         cols_lo = tl.maximum(cols_lo, cols)
         lo = tl.maximum(lo, start_n)
