@@ -171,13 +171,14 @@ def split_reasoning(c):
     """Completion -> (thinking, solution, where the thinking came from, whether it was closed)."""
     if c.reasoning and c.reasoning.strip():            # DeepSeek / vLLM / SGLang reasoning parsers
         return c.reasoning.strip(), c.text.strip(), "field", True
-    if "</think>" in c.text:                           # last one, as eval_aime.extract_answer reads it
-        thinking, solution = c.text.rsplit("</think>", 1)
-        thinking = thinking.split("<think>", 1)[-1]    # no <think> when the template put it in the prompt
+    text = c.opened + c.text                           # a local teacher's template may open <think> itself
+    if "</think>" in text:                             # last one, as eval_aime.extract_answer reads it
+        thinking, solution = text.rsplit("</think>", 1)
+        thinking = thinking.split("<think>", 1)[-1]    # a server leaves out the <think> its template opened
         return thinking.strip(), solution.strip(), "tags", True
-    if "<think>" in c.text:                            # stopped (or was cut) while still thinking
-        return c.text.split("<think>", 1)[1].strip(), "", "tags", False
-    return "", c.text.strip(), "none", True            # a plain answer, or o-series (reasoning hidden)
+    if "<think>" in text:                              # stopped (or was cut) while still thinking
+        return text.split("<think>", 1)[1].strip(), "", "tags", False
+    return "", text.strip(), "none", True              # a plain answer, or o-series (reasoning hidden)
 
 
 def seed_of(args, p, k):
@@ -271,7 +272,10 @@ def run_config(args):
             "teacher_fingerprint": None if endpoint else model_fingerprint(args.teacher),   # retrained in place?
             "system": args.system,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX}
+            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
+            # only when set, so that runs made before these flags existed still resume
+            **({"raw_prompt": True} if args.raw_prompt else {}),
+            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
 
 
 def check_config(run_path, config, have_records):
@@ -318,6 +322,11 @@ def build_parser():
                     "completion tokens (all runs on this --out together); answers in flight are still saved")
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
     ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
+    ap.add_argument("--raw-prompt", action="store_true", help="local teacher: send the user turn as plain text, "
+                    "no chat template (base models; an endpoint always gets a chat message)")
+    ap.add_argument("--chat-template-kwargs", type=model.json_object, default={}, metavar="JSON",
+                    help="keywords for the teacher's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3); "
+                    "sent to endpoints as chat_template_kwargs (vLLM, SGLang)")
     ap.add_argument("--keep-all", action="store_true", help="write every answer to --out with its flags "
                     "(contaminated problems are sent too); sft.py trains on all of them, except rows without "
                     "thinking or solution, which it refuses (or skips with --skip-bad)")
@@ -361,8 +370,10 @@ def requests_for(todo, args, stop):
     for p, k in todo:
         if stop.reason:
             return
-        messages = system + [{"role": "user", "content": user_prompt(p["problem"])}]
-        yield Request(messages=messages, seed=seed_of(args, p, k))
+        if args.raw_prompt:
+            yield Request(prompt=user_prompt(p["problem"]), seed=seed_of(args, p, k))
+        else:
+            yield Request(messages=system + [{"role": "user", "content": user_prompt(p["problem"])}], seed=seed_of(args, p, k))
 
 
 def distill(sampler, todo, params, args, files, totals, budget_left):
@@ -460,6 +471,8 @@ def main(argv=None):
     if args.samples_per_problem < 1 or args.max_tokens < 1 or args.concurrency < 1 or args.temperature < 0 \
             or not 0 < args.top_p <= 1:
         ap.error("need --samples-per-problem, --max-tokens, --concurrency >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if args.raw_prompt and args.system:
+        ap.error("--system needs the chat template: not with --raw-prompt")
     try:
         problems = load_problems(args.problems)
     except (OSError, ValueError) as e:
@@ -491,7 +504,8 @@ def main(argv=None):
                                       base_url=args.teacher if endpoint else None, api_model=args.api_model,
                                       device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                       concurrency=args.concurrency,
-                                      api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile)
+                                      api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile,
+                                      chat_template_kwargs=args.chat_template_kwargs)
     summary = {"config": config, "samples_per_problem": args.samples_per_problem,
                "max_tokens": args.max_tokens, "max_total_tokens": args.max_total_tokens,
                "teacher": sampler.describe() if sampler else previous.get("teacher"),

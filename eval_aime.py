@@ -287,7 +287,9 @@ def run_config(args, params):
             "model_fingerprint": model_fingerprint(args.model),
             "base_url": args.base_url, "api_model": args.api_model,
             "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
-            **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype}
+            **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype,
+            # only when given, so that runs made before the flag existed still resume
+            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
 
 
 def check_config(out, config):
@@ -437,7 +439,7 @@ def build_sampler(args, world):
     return sample.make_sampler(model=args.model, base_url=args.base_url, api_model=args.api_model,
                                device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                concurrency=args.concurrency, api_key_env=args.api_key_env, timeout=args.timeout,
-                               compile=args.compile)
+                               compile=args.compile, chat_template_kwargs=args.chat_template_kwargs)
 
 
 def gather(out, done, needed, rank, world, wait_for_others):
@@ -494,7 +496,10 @@ def main(argv=None, sampler=None):
     total = len(mine) * args.samples
     desc = "eval" if world == 1 else f"eval shard {rank}/{world}"
     with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
-        stats = draw(sampler, todo, params, args, own, done, bar)
+        try:
+            stats = draw(sampler, todo, params, args, own, done, bar)
+        except ValueError as e:               # e.g. a folder without a chat template: use --raw-prompt
+            raise SystemExit(f"eval_aime.py: {e}")
 
     if out:
         done = gather(out, done, [(p["id"], k) for p in problems for k in range(args.samples)],

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,18 +32,31 @@ import kernels
 # ----------------------------------------------------------------------------- config
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-# Keys of config.json that do not change the computation (bookkeeping, training-time settings,
-# generation defaults). Any key outside this list and outside Config's fields is refused, so that a
-# checkpoint asking for something we do not implement never loads silently wrong. If a new benign
-# key shows up, add it here.
-IGNORED_KEYS = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "max_window_layers", "sliding_window",
-    "transformers.js_config", "_name_or_path", "is_llama_config", "rope_interleaved", "output_attentions",
-    "output_hidden_states", "return_dict", "use_return_dict", "id2label", "label2id", "tokenizer_class",
-    "attention_dropout", "pretraining_tp", "hidden_act", "use_sliding_window", "layer_types",
-    "rope_parameters", "mlp_bias", "use_mrope", "keys_to_ignore_at_inference", "unsloth_fixed",
+# The one list of config.json keys that are refused: each changes the computation in a way this file
+# does not implement. (key: (is the value one we cannot honour?, why)). Every other key that is not
+# a Config field changes nothing here: token ids, names, dtypes, generation and training settings
+# (BOOKKEEPING, silently), or something we do not know (named once on stderr, then loaded).
+UNSUPPORTED = {
+    "use_sliding_window": (bool, "sliding-window attention is not implemented"),
+    "layer_types": (lambda v: any(t != "full_attention" for t in v or ()), "only full-attention layers are implemented"),
+    "hidden_act": (lambda v: v != "silu", "only SiLU (SwiGLU) MLPs are implemented"),
+    "mlp_bias": (bool, "MLP biases are not implemented"),
+    "attention_dropout": (bool, "attention dropout is not implemented (training would silently differ)"),
+    "partial_rotary_factor": (lambda v: v != 1, "RoPE on part of each head is not implemented"),
+    "rope_scaling": (lambda v: v.get("rope_type", v.get("type")) not in ("default", "llama3"),
+                     "only llama3 RoPE scaling is implemented"),
 }
+BOOKKEEPING = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "max_window_layers",
+    "sliding_window", "transformers.js_config", "_name_or_path", "_model_name_or_path", "is_llama_config",
+    "rope_interleaved", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+    "id2label", "label2id", "tokenizer_class", "keys_to_ignore_at_inference", "unsloth_fixed", "unsloth_version",
+    "pretraining_tp",       # Llama's sliced matmuls in tensor-parallel pretraining: the same function
+    "quantization_config",  # load_model looks at the weights themselves
+    "rope_parameters", "use_mrope", "_attn_implementation_autoset", "attn_implementation",
+}
+_warned = set()
 
 
 @dataclass
@@ -87,32 +99,19 @@ class Config:
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rp)
-        refuse = []
-        if d.get("use_sliding_window"):
-            refuse.append("use_sliding_window=true (sliding-window attention)")
-        if any(t != "full_attention" for t in d.get("layer_types") or []):
-            refuse.append("layer_types other than full_attention")
-        if d.get("hidden_act", "silu") != "silu":
-            refuse.append(f"hidden_act={d['hidden_act']!r}")
-        if d.get("pretraining_tp", 1) != 1:
-            refuse.append(f"pretraining_tp={d['pretraining_tp']}")
-        if d.get("mlp_bias"):
-            refuse.append("mlp_bias=true")
-        if d.get("attention_dropout", 0.0):
-            refuse.append(f"attention_dropout={d['attention_dropout']}")
-        if d.get("model_type") != "llama" and d.get("attention_bias"):
-            refuse.append("attention_bias=true on a Qwen model")
-        scaling = d.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("default", "llama3"):
-                refuse.append(f"rope_scaling type {kind!r} (only llama3 is implemented)")
-            if kind == "default":
-                d["rope_scaling"] = None
+        if d.get("model_type") == "qwen2":
+            d.pop("attention_bias", None)  # transformers' Qwen2 ignores it: q/k/v always have a bias, o never
+        refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if d.get(k) is not None and bad(d[k])]
+        if refused:
+            raise ValueError(f"{source}: not supported: " + "; ".join(refused))
+        scaling = d.get("rope_scaling") or {}
+        if scaling.get("rope_type", scaling.get("type")) == "default":
+            d["rope_scaling"] = None
         known = {f.name for f in fields(cls)}
-        refuse += [f"unknown key {k!r}" for k in d if k not in known and k not in IGNORED_KEYS]
-        if refuse:
-            raise ValueError(f"{source}: not supported: " + "; ".join(refuse))
+        unknown = sorted(k for k in d if k not in known and k not in BOOKKEEPING and k not in UNSUPPORTED)
+        if unknown and tuple(unknown) not in _warned:
+            _warned.add(tuple(unknown))
+            print(f"{source}: note: ignoring keys this loader does not know: {', '.join(unknown)}", file=sys.stderr)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
@@ -353,11 +352,10 @@ def safetensors_files(folder):
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def read_safetensors(path, dtype, device, chunk_bytes=64 << 20):
+def read_safetensors(path, dtype, device, chunk_bytes=64 << 20, quantization=None):
     """Yield (name, tensor) from one file, converted to dtype/device. When nothing needs converting
     the tensor is a view into a private memory map of the file: no copy at all. Otherwise it is
     streamed through a small buffer, so peak memory is the converted weights plus one chunk (a
@@ -377,8 +375,10 @@ def read_safetensors(path, dtype, device, chunk_bytes=64 << 20):
         storage = None
         for name, info in header.items():
             src = ST_DTYPES.get(info["dtype"])
-            if src is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            if src is None:  # a decoder's weights are floats: anything else is packed quantized blocks
+                raise ValueError(f"{path}: tensor {name!r} is {info['dtype']}: quantized weights "
+                                 f"({quantization or 'no quantization_config'}) are not supported; "
+                                 "use the bf16/fp16/fp32 checkpoint")
             begin, end = (8 + n + o for o in info["data_offsets"])
             if end > size or end - begin != math.prod(info["shape"]) * src.itemsize:
                 raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
@@ -403,13 +403,16 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     config = Config.from_json(folder / "config.json")
-    device, dtype = pick_device(device) if isinstance(device, str) else device, pick_dtype(dtype, str(device))
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    quant = quant and quant.get("quant_method", "quantization_config")
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = pick_dtype(dtype, str(device))  # from the resolved device: "auto" is bf16 on a bf16 GPU
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state, problems = {}, []
     for path in safetensors_files(folder):
-        for name, t in read_safetensors(path, dtype, device):
+        for name, t in read_safetensors(path, dtype, device, quantization=quant):
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some tied checkpoints also store the head; the embedding is the one we use
             if name not in expected:
@@ -422,6 +425,9 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     problems += [f"missing tensor {k!r}" for k in missing]
     if problems:
         raise ValueError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+    if quant:  # e.g. a bitsandbytes or GGUF model saved after dequantizing: the floats are the model
+        print(f"{folder}/config.json: note: quantization_config ({quant}) over floating-point weights: "
+              "loading them as they are", file=sys.stderr)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
@@ -497,14 +503,14 @@ def replace_folder(src, dst):
 # ----------------------------------------------------------------------------- tokenizer + chat
 
 class Tokenizer:
-    """tokenizers' BPE on tokenizer.json, plus chat rendering for the ChatML family (Qwen2.x,
-    Qwen3, SmolLM2) and Llama 3, with special and stop tokens read from the folder's files.
-    The renderer is written out by hand (no Jinja) and tested token for token against
-    transformers' apply_chat_template on the same templates."""
+    """tokenizers' BPE on tokenizer.json, and chat rendering with the checkpoint's own chat template
+    (chat_template.jinja, else tokenizer_config.json's chat_template) evaluated as transformers and
+    vLLM do: jinja2's immutable sandbox with bos_token, eos_token, add_generation_prompt and
+    raise_exception. Stop tokens come from the folder's files and the template's end of turn."""
 
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer is needed to encode prompts)")
@@ -515,27 +521,21 @@ class Tokenizer:
             template = (folder / "chat_template.jinja").read_text()
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.template = template or ""
-        self.family = ("chatml" if "<|im_start|>" in self.template else
-                       "llama3" if "<|start_header_id|>" in self.template else None)
+        try:
+            self.template = chat_environment().from_string(template) if template else None
+        except Exception as e:  # jinja2.TemplateSyntaxError, without importing jinja2 at module level
+            raise ValueError(f"{folder}: the chat template does not compile: {e}") from None
         token = lambda v: v.get("content") if isinstance(v, dict) else v
-        self.bos_token = token(cfg.get("bos_token"))
-        self.eos_token = token(cfg.get("eos_token"))
-        self.default_system = None
-        if self.family == "chatml":  # e.g. SmolLM2's and Qwen2.5's built-in system prompt
-            m = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>", self.template)
-            self.default_system = m.group(1) if m else None
-        # stop tokens: eos ids from generation_config.json and config.json, the eos token, end of turn
-        stop = set()
+        # what transformers passes the template besides the messages: its named special tokens
+        self.special = {k: token(cfg[k]) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                                    "cls_token", "mask_token") if token(cfg.get(k))}
+        self.end_of_turn = self.find_end_of_turn()
+        stop = {self.end_of_turn, self.tok.token_to_id(self.special.get("eos_token", ""))}
         for name in ("generation_config.json", "config.json"):
             if (folder / name).exists():
                 eos = json.loads((folder / name).read_text()).get("eos_token_id")
-                stop.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for t in (self.eos_token, {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.family)):
-            if t is not None and self.tok.token_to_id(t) is not None:
-                stop.add(self.tok.token_to_id(t))
-        self.stop_ids = sorted(stop)
-        self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else (self.stop_ids or [None])[0]
+                stop.update(eos if isinstance(eos, list) else [eos])
+        self.stop_ids = sorted(stop - {None})
 
     @property
     def vocab_size(self):
@@ -555,51 +555,81 @@ class Tokenizer:
             tid = ids[0] if len(ids) == 1 else None
         return tid
 
-    def render(self, messages, add_generation_prompt=False):
-        """Messages -> (ids, mask): mask[i] is 1 on the tokens of assistant turns, including their
-        end-of-turn token, 0 elsewhere. Computed from character spans of one encoded string, so the
-        ids are exactly those of encoding the whole rendered text."""
-        text, spans = self.render_text(messages, add_generation_prompt)
-        enc = self.tok.encode(text, add_special_tokens=False)
-        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
-        return enc.ids, mask
-
-    def render_text(self, messages, add_generation_prompt=False):
-        """The chat template as code. Returns the text and the character spans of assistant output."""
-        if self.family is None:
-            raise ValueError("this tokenizer has no ChatML or Llama 3 chat template; use a raw prompt")
-        if not messages:
-            raise ValueError("empty conversation")
+    def chat_text(self, messages, add_generation_prompt, **template_kwargs):
+        """The template's text, as transformers' apply_chat_template(..., tokenize=False) renders it."""
+        if self.template is None:
+            raise ValueError(f"{self.folder}: no chat template (no chat_template in tokenizer_config.json, no "
+                             "chat_template.jinja): send the text as it is with --raw-prompt (sample.py: leave out --chat)")
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r:.200}")
-        parts, spans = [], []
-        if self.family == "chatml":
-            if messages[0]["role"] != "system" and self.default_system is not None:
-                parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
-            for m in messages:
-                parts.append(f"<|im_start|>{m['role']}\n")
-                if m["role"] == "assistant":
-                    start = sum(map(len, parts))
-                    parts.append(m["content"] + "<|im_end|>")
-                    spans.append((start, start + len(parts[-1])))
-                    parts.append("\n")
-                else:
-                    parts.append(m["content"] + "<|im_end|>\n")
-            if add_generation_prompt:
-                parts.append("<|im_start|>assistant\n")
-        else:  # llama3: content is stripped, as Meta's template does
-            parts.append(self.bos_token or "<|begin_of_text|>")
-            for m in messages:
-                parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n")
-                body = m["content"].strip() + "<|eot_id|>"
-                if m["role"] == "assistant":
-                    start = sum(map(len, parts))
-                    spans.append((start, start + len(body)))
-                parts.append(body)
-            if add_generation_prompt:
-                parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts), spans
+        import jinja2
+        try:
+            return self.template.render(messages=messages, tools=None, documents=None, **self.special,
+                                        add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.folder}: chat template: {e}") from None
+
+    def prompt(self, messages, **template_kwargs):
+        """-> (ids the model continues, the start of the reply the generation prompt already wrote:
+        "<think>\\n" when the template opens thinking (R1-Distill, QwQ), else "")."""
+        text = self.chat_text(messages, True, **template_kwargs)
+        head = self.chat_text(messages, False, **template_kwargs)
+        generation = text[len(head):] if text.startswith(head) else ""
+        i = generation.rfind("<think>")
+        return self.encode(text), generation[i:] if i >= 0 and "</think>" not in generation[i:] else ""
+
+    def render(self, messages, **template_kwargs):
+        """A conversation ending in an assistant turn -> (ids, mask) for SFT. The ids are the prompt of
+        the turns before it (exactly what sampling sends), then that turn's content as written, less
+        what the prompt already opened, then the end-of-turn token; mask is 1 on those last tokens.
+        Earlier assistant turns are context, rendered (and maybe rewritten) by the template, unmasked."""
+        *context, last = messages
+        if not context or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+            raise ValueError("a training conversation needs turns before a last assistant turn")
+        ids, opened = self.prompt(context, **template_kwargs)
+        if self.end_of_turn is None:
+            raise ValueError(f"{self.folder}: no end-of-turn token (none in the template, no eos_token) to train on")
+        reply = last["content"].removeprefix(opened)
+        target = self.encode(reply) + [self.end_of_turn]
+        return ids + target, [0] * len(ids) + [1] * len(target)
+
+    def find_end_of_turn(self):
+        """The token the template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+        <｜end▁of▁sentence｜>), read off a rendering; else the eos token."""
+        eos = self.tok.token_to_id(self.special.get("eos_token", ""))
+        try:
+            text = self.chat_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE"}], False)
+        except ValueError:
+            return eos
+        after = self.encode(text[text.rindex("PROBE") + len("PROBE"):])
+        return after[0] if after and after[0] in self.tok.get_added_tokens_decoder() else eos
+
+
+def chat_environment():
+    """jinja2 as transformers' apply_chat_template sets it up: an immutable sandbox (templates come
+    from the Hub), trimmed blocks, loop controls, and the helpers templates call."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+    return env
+
+
+def json_object(text):
+    """The argparse type of --chat-template-kwargs: a JSON object."""
+    import argparse
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 # ----------------------------------------------------------------------------- run manifest

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model import KVCache
+from model import KVCache, json_object
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Completion:
     reasoning: str | None = None    # endpoint only: reasoning_content / reasoning when the server returns it
     usage: dict = field(default_factory=dict)   # endpoint usage object as returned (incl. reasoning_tokens)
     token_ids: list[int] | None = None          # local only: the generated ids, stop token included
+    opened: str = ""                # local only: the reply's start the prompt already wrote ("<think>\n" of R1-Distill)
 
 
 # ---- Local model: prefill, decode one token, decode many ----
@@ -96,8 +97,8 @@ def filtered_probs(logits, params):
 
 class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
-    def __init__(self, index, request, prompt_len):
-        self.index, self.prompt_len = index, prompt_len
+    def __init__(self, index, request, prompt_len, opened=""):
+        self.index, self.prompt_len, self.opened = index, prompt_len, opened
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
         self.tokens = []          # generated ids, forced ones included
         self.forced = []          # ids to emit next instead of sampling (budget forcing)
@@ -113,13 +114,14 @@ class LocalSampler:
     share one prefill (its cache is copied to their rows). Finished rows are refilled with waiting
     requests; when none are left, the batch shrinks, so no compute goes to finished rows."""
 
-    def __init__(self, model_dir, device="auto", dtype="auto", batch_size=64, compile=False):
+    def __init__(self, model_dir, device="auto", dtype="auto", batch_size=64, compile=False, chat_template_kwargs=None):
         from model import Tokenizer, load_model, pick_device, pick_dtype
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model_dir, self.batch_size = Path(model_dir), batch_size
         self.model = load_model(model_dir, self.device, self.dtype).eval()
         self.tok = Tokenizer(model_dir)
+        self.template_kwargs = dict(chat_template_kwargs or {})  # e.g. Qwen3's {"enable_thinking": false}
         self.stop_ids = set(self.tok.stop_ids)
         self.think_end = self.tok.encode("</think>")
         # --compile: one static-shape graph of the decode step; on CUDA replayed as a CUDA graph
@@ -132,23 +134,29 @@ class LocalSampler:
         manifest = self.model_dir / "run.json"
         return {"kind": "local", "model": str(self.model_dir.resolve()), "device": self.device,
                 "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size, "compile": self.compile,
+                "chat_template_kwargs": self.template_kwargs,
                 "manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
 
     def prompt_ids(self, request):
+        return self.prompt(request)[0]
+
+    def prompt(self, request):
+        """-> (ids, the reply's start the chat template already wrote, e.g. "<think>\\n")."""
         if (request.messages is None) == (request.prompt is None):
             raise ValueError("a Request needs exactly one of messages or prompt")
-        ids = self.tok.render(request.messages, add_generation_prompt=True)[0] if request.messages else self.tok.encode(request.prompt)
+        ids, opened = (self.tok.prompt(request.messages, **self.template_kwargs) if request.messages
+                       else (self.tok.encode(request.prompt), ""))
         if not ids:
             raise ValueError("empty prompt")
         limit = self.model.config.max_position_embeddings
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
-        return ids
+        return ids, opened
 
     @torch.no_grad()
     def generate(self, requests, params, on_token=None):
         """Yield (index, Completion) as each request finishes. on_token(index, token_id) streams."""
-        prompts = [self.prompt_ids(r) for r in requests]
+        prompts, opened = zip(*map(self.prompt, requests)) if requests else ((), ())
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
         limit = self.model.config.max_position_embeddings
@@ -171,7 +179,7 @@ class LocalSampler:
                 else:
                     waiting.pop(0)
                 first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
-                rows += [Row(i, requests[i], len(prompt)) for i in take]
+                rows += [Row(i, requests[i], len(prompt), opened[i]) for i in take]
                 logits = torch.cat([logits, first.expand(len(take), -1)])
             tokens = self.choose(rows, logits, params)
             total += len(rows)
@@ -258,7 +266,7 @@ class LocalSampler:
     def completion(self, row, reason):
         ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
         return Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
-                          token_ids=row.tokens)
+                          token_ids=row.tokens, opened=row.opened)
 
 
 ANSWER_CUE = "Final Answer: "  # what budget forcing appends after "</think>" (s1 uses the same cue)
@@ -301,7 +309,7 @@ class EndpointSampler:
     It is never put in an error message: a server that echoes it back has it scrubbed."""
 
     def __init__(self, base_url, api_model, concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0,
-                 max_attempts=6, backoff=1.0, max_backoff=60.0, o_series=None):
+                 max_attempts=6, backoff=1.0, max_backoff=60.0, o_series=None, chat_template_kwargs=None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url, self.api_model = base_url, api_model
         self.concurrency, self.timeout = concurrency, timeout
@@ -309,11 +317,13 @@ class EndpointSampler:
         self.o_series = api_model.startswith(("o1", "o3", "o4")) if o_series is None else o_series
         self.api_key_env = api_key_env
         self._key = os.environ.get(api_key_env) or None
+        self.template_kwargs = dict(chat_template_kwargs or {})
 
     def describe(self):
         return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model,
                 "o_series": self.o_series, "concurrency": self.concurrency, "timeout": self.timeout,
-                "max_attempts": self.max_attempts, "api_key_env": self.api_key_env}
+                "max_attempts": self.max_attempts, "api_key_env": self.api_key_env,
+                "chat_template_kwargs": self.template_kwargs}
 
     def generate(self, requests, params, errors="raise"):
         """Yield (index, Completion) as each request finishes, in any order. With errors="yield",
@@ -361,6 +371,8 @@ class EndpointSampler:
             body["top_k"] = params.top_k
         if params.min_p > 0:
             body["min_p"] = params.min_p
+        if self.template_kwargs:                  # vLLM / SGLang pass it to the model's chat template
+            body["chat_template_kwargs"] = self.template_kwargs
         return body
 
     def _complete(self, req, params):
@@ -459,15 +471,17 @@ def _retry_after(headers):
 # ---- One interface, and the command line ----
 
 def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype="auto", batch_size=64,
-                 concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0, compile=False):
+                 concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0, compile=False, chat_template_kwargs=None):
     """A LocalSampler for a model folder, or an EndpointSampler for an OpenAI-compatible URL."""
     if (model is None) == (base_url is None):
         raise ValueError("give exactly one of a model folder (--model) or an endpoint (--base-url)")
     if base_url is not None:
         if not api_model:
             raise ValueError("--base-url needs --api-model (the model name the server expects)")
-        return EndpointSampler(base_url, api_model, concurrency=concurrency, api_key_env=api_key_env, timeout=timeout)
-    return LocalSampler(model, device=device, dtype=dtype, batch_size=batch_size, compile=compile)
+        return EndpointSampler(base_url, api_model, concurrency=concurrency, api_key_env=api_key_env, timeout=timeout,
+                               chat_template_kwargs=chat_template_kwargs)
+    return LocalSampler(model, device=device, dtype=dtype, batch_size=batch_size, compile=compile,
+                        chat_template_kwargs=chat_template_kwargs)
 
 
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
@@ -485,6 +499,9 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local models)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
                    "shapes, replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
+    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="keywords for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3); sent to endpoints "
+                   "as chat_template_kwargs (vLLM, SGLang)")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
@@ -514,7 +531,7 @@ def main(argv=None):
         p.error("give --model DIR or --base-url URL --api-model NAME")
     try:
         sampler = make_sampler(args.model, args.base_url, args.api_model, args.device, args.dtype, args.batch_size,
-                               args.concurrency, args.api_key_env, args.timeout, args.compile)
+                               args.concurrency, args.api_key_env, args.timeout, args.compile, args.chat_template_kwargs)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     chat = args.chat or args.base_url is not None

@@ -8,9 +8,11 @@ Reading order: arguments, setup (processes, model, optimizer), data (rows -> cha
 labels -> packed micro-batches), the loop (loss, schedule, step, evaluation, logging), saving.
 
 What it does, and why:
-- The loss is on the assistant turn only, including its end-of-turn token: the mask comes out of the
-  same function that renders the chat (model.Tokenizer.render). A row longer than --max-len is dropped
-  and counted, never truncated (a cut row may have no answer left to learn).
+- The loss is on the last assistant turn only, including its end-of-turn token: the mask comes out of
+  the same function that renders the chat (model.Tokenizer.render, the model's own chat template):
+  the prompt exactly as sampling sends it, then the turn as written (its <think> not repeated when
+  the template opened one). Earlier turns are context as the template renders them. A row longer
+  than --max-len is dropped and counted, never truncated (a cut row may have no answer left to learn).
 - Rows are packed without padding into one sequence of at most --batch-tokens tokens, with positions
   restarting at 0 for every document and attention kept inside each document (cu_seqlens), so a
   packed micro-batch computes exactly what its rows would one by one (tests/test_sft.py proves it).
@@ -51,7 +53,7 @@ from tqdm import tqdm
 
 import kernels
 from model import Transformer, Tokenizer, load_model, pick_device, pick_dtype, run_manifest, save_model, sha256_file
-from model import write_json_atomic
+from model import json_object, write_json_atomic
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -98,6 +100,8 @@ def parse_args(argv=None):
                    help="pack several rows into one micro-batch (padding-free, attention per document); "
                         "--no-pack: one row per micro-batch")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                   help="keywords for the model's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (same formats) for eval_loss")
     p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only before and after)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
@@ -223,14 +227,14 @@ def to_messages(row):
     for i, m in enumerate(messages):
         if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
             raise ValueError(f"message {i}: needs role system/user/assistant and string content")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise ValueError("no non-empty assistant turn to train on")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise ValueError("needs a non-empty assistant turn last, after the prompt: it is the turn trained on")
     return messages
 
 
-def tokenize(messages, tok):
+def tokenize(messages, tok, template_kwargs=None):
     """Messages -> ids and shifted labels: labels[t] = ids[t + 1] where that token is assistant output."""
-    ids, mask = tok.render(messages)
+    ids, mask = tok.render(messages, **(template_kwargs or {}))
     labels = [nxt if m else IGNORE for nxt, m in zip(ids[1:], mask[1:])] + [IGNORE]
     return ids, labels
 
@@ -245,7 +249,7 @@ class Example:
         return int((self.labels != IGNORE).sum())
 
 
-def load_examples(path, tok, max_len, skip_bad=False):
+def load_examples(path, tok, max_len, skip_bad=False, template_kwargs=None):
     """JSONL -> Examples and counts. Blank lines are not rows; a malformed row is an error naming its
     line (or skipped and counted); a row longer than max_len is dropped and counted, never truncated."""
     examples, counts = [], Counter()
@@ -255,7 +259,7 @@ def load_examples(path, tok, max_len, skip_bad=False):
                 continue
             counts["rows"] += 1
             try:
-                ids, labels = tokenize(to_messages(json.loads(line)), tok)
+                ids, labels = tokenize(to_messages(json.loads(line)), tok, template_kwargs)
                 if all(x == IGNORE for x in labels):
                     raise ValueError("no target tokens after rendering")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
@@ -476,7 +480,9 @@ def run_fingerprint(args, data_sha):
     """What fixes the sequence of batches and learning rates: a resume must match it."""
     keys = ("seed", "epochs", "max_steps", "max_len", "batch_tokens", "grad_accum", "pack", "lr", "warmup_steps",
             "warmup_ratio", "min_lr_ratio")
-    return {"data_sha256": data_sha, **{k: getattr(args, k) for k in keys}}
+    return {"data_sha256": data_sha, **{k: getattr(args, k) for k in keys},
+            # it changes the tokens; only when given, so that older checkpoints still resume
+            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
 
 
 def restore(ckpt, optimizer, lm, fingerprint):
@@ -540,7 +546,7 @@ def resolve_sizes(args, config, procs):
 
 def load_data(args, tok, say):
     """Training examples, and the held-out examples with their micro-batches (or None)."""
-    examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad)
+    examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
     say(f"data {args.data}: {counts['rows']} rows, {counts['kept']} kept, {counts['too_long']} longer than "
         f"--max-len {args.max_len} dropped, {counts['bad']} malformed skipped; {counts['tokens']:,} tokens, "
         f"{counts['targets']:,} of them targets")
@@ -548,7 +554,7 @@ def load_data(args, tok, say):
         raise ValueError(f"{args.data}: no usable rows")
     held_out = None
     if args.eval_data:
-        rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad)
+        rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
         if not rows:
             raise ValueError(f"{args.eval_data}: no usable rows")
         held_out = (rows, pack([len(e.ids) for e in rows], range(len(rows)), args.batch_tokens, args.pack))

