@@ -2,18 +2,23 @@
 
     python bench/kernels.py           # GPU: checks, then attention / RMSNorm / fused loss vs PyTorch
     python bench/kernels.py --quick   # GPU, a smaller sweep
+    TRITON_INTERPRET=1 python bench/kernels.py --tiny   # CPU smoke run of the GPU path, tiny shapes
     python bench/kernels.py --cpu     # (automatic without CUDA) peak memory of the chunked loss vs unfused
 
-GPU attention: B=1, D=128, bf16, causal, T in {2048, 8192, 16384}, (Hq, Hkv) in {(16, 2), (28, 4)},
-against SDPA with the flash backend and with the cuDNN backend. FLOPs of causal attention: forward
-2 * 2 * B * H * T^2 * D / 2, backward 2.5x that. Times are medians (triton.testing.do_bench); memory is
-the peak allocated during one forward + backward, beyond the inputs.
+GPU attention: causal, bf16, Hq/Hkv = 16/2, D in {128, 64}, T in {2048, 8192, 16384}, one document
+(B=1) or four packed ones (cu_seqlens), against SDPA's flash backend (packed: torch's flash
+varlen_attn where this torch has it, and one flash call per document), plus SDPA's cuDNN backend on
+one document. FLOPs of causal attention: forward 2 * 2 * H * sum(L^2) * D / 2 over documents of length
+L, backward 2.5x that. Times are medians (triton.testing.do_bench); memory is the peak allocated during
+one forward + backward, beyond the inputs.
 
 CPU: one fresh child process per method measures its peak RSS (ru_maxrss; torch allocations are
 invisible to tracemalloc) for forward + backward of the loss at 8192 tokens x 151936 vocab x D=896
 (Qwen2.5-0.5B's lm_head) in fp32; the parent checks the two losses and gradients agree.
 """
 import argparse
+import functools
+import inspect
 import json
 import os
 import resource
@@ -30,7 +35,7 @@ from kernels import (attention_ref, attention_triton, linear_cross_entropy_ref, 
                      linear_cross_entropy_triton, rms_norm_ref, rms_norm_triton)
 
 
-# ----------------------------------------------------------------------------- GPU
+# ----------------------------------------------------------------------------- GPU (or a CPU smoke run)
 
 def fwd_bwd(fn, inputs, dout):
     """Closures for forward only and forward + backward on leaf copies of inputs, and the leaves."""
@@ -47,11 +52,21 @@ def fwd_bwd(fn, inputs, dout):
 
 
 def bench(step, leaves):
+    """Median ms of step (triton.testing.do_bench on CUDA; on CPU a few timed calls, for smoke runs)."""
+    if not leaves[0].is_cuda:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
     import triton.testing
     return triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median")  # ms
 
 
 def peak_mb(step, leaves):
+    if not leaves[0].is_cuda:
+        return float("nan")
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
@@ -60,6 +75,23 @@ def peak_mb(step, leaves):
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def host_ms(step, leaves):
+    """CPU time to queue one call, without waiting for the GPU: when it nears the measured time, the
+    host (Python, launches) is the bottleneck, not the kernels."""
+    if not leaves[0].is_cuda:
+        return float("nan")
+    times = []
+    for _ in range(5):
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[2]
 
 
 def max_err(a, b):
@@ -83,75 +115,129 @@ def check(fn, ref, inputs, dout, name, floor=1e-3):
         assert e <= 2 * t + floor, f"{name}: error {e:.2e} vs torch bf16 {t:.2e}"
 
 
-def attention_methods(q, k, v):
-    """(name, fn, inputs): ours, then SDPA pinned to the flash and the cuDNN backends. GQA goes through
-    enable_gqa where the backend takes it, else K/V are repeated once outside the timed region (marked *)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    methods = [("triton (ours)", lambda q, k, v: attention_triton(q, k, v), [q, k, v])]
-    group = q.shape[1] // k.shape[1]
-    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
-        def gqa(q, k, v, backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+def works(fn, inputs):
+    """Whether fn runs forward and backward on these inputs (a backend may refuse a shape or a layout)."""
+    try:
+        fn(*[t.detach().requires_grad_() for t in inputs]).sum().backward()
+        return True
+    except (RuntimeError, TypeError, ValueError) as e:
+        print(f"  ({getattr(fn, '__name__', fn)}: {str(e).splitlines()[0][:100]})")
+        return False
 
-        def expanded(q, k, v, backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        kr, vr = (t.repeat_interleave(group, dim=1) for t in (k, v))
-        for label, fn, inputs in ((name, gqa, [q, k, v]), (name + "*", expanded, [q, kr, vr])):
-            try:
-                fn(*inputs)
-            except RuntimeError as e:
-                print(f"  ({label}: {str(e).splitlines()[0][:80]})")
-                continue
-            methods.append((label, fn, inputs))
-            break
+
+def attention_methods(q, k, v, lengths):
+    """(name, fn, inputs): ours, then SDPA's flash backend (cuDNN's too for one row). Packed documents
+    (lengths) go to torch's flash varlen_attn when this torch has it, else one flash call per document.
+    GQA goes through enable_gqa where the backend takes it, else K/V are repeated once outside the timed
+    region (marked *). On CPU (smoke runs) SDPA's math backend stands in for flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    flash = SDPBackend.FLASH_ATTENTION if q.is_cuda else SDPBackend.MATH
+    group = q.shape[1] // k.shape[1]
+    kr, vr = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    if lengths is None:
+        methods = [("triton (ours)", lambda q, k, v: attention_triton(q, k, v), [q, k, v])]
+        backends = [("sdpa flash", flash)] + ([("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)] if q.is_cuda else [])
+        for name, backend in backends:
+            def gqa(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            def expanded(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if works(gqa, [q, k, v]):
+                methods.append((name, gqa, [q, k, v]))
+            elif works(expanded, [q, kr, vr]):
+                methods.append((name + "*", expanded, [q, kr, vr]))
+        return methods
+    cu = torch.tensor([0] + lengths, device=q.device).cumsum(0).to(torch.int32)  # (N + 1,)
+    methods = [("triton (ours)", lambda q, k, v: attention_triton(q, k, v, True, cu), [q, k, v])]
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None and q.is_cuda:
+        params = inspect.signature(varlen_attn).parameters  # causal and GQA arguments vary across versions
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+        def varlen(q, k, v, **gqa):  # (1, H, T, D) views of (T, H, D) memory -> its own (T, H, D) layout
+            out = varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                              max(lengths), max(lengths), **causal, **gqa)  # (T, H, D)
+            return out.transpose(0, 1)[None]  # (1, H, T, D)
+        gqa = functools.partial(varlen, enable_gqa=True) if "enable_gqa" in params else varlen
+        if works(gqa, [q, k, v]):
+            methods.append(("flash varlen", gqa, [q, k, v]))
+        elif works(varlen, [q, kr, vr]):
+            methods.append(("flash varlen*", varlen, [q, kr, vr]))
+
+    def per_document(q, k, v):
+        cuts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+        with sdpa_kernel(flash):
+            return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True)
+                              for s, e in zip(cuts, cuts[1:])], dim=2)  # (1, H, T, D)
+    if works(per_document, [q, kr, vr]):
+        methods.append(("flash per doc*", per_document, [q, kr, vr]))
     return methods
 
 
-def gpu(args):
-    dev, bf16 = "cuda", torch.bfloat16
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+def attention_table(args, rand):
+    print("\n== attention, causal, bf16, Hq/Hkv = 16/2, B = 1, q/k/v in the model's (B, T, H, D) layout: median "
+          "ms, TFLOP/s, ratio = SDPA flash time / this time, host ms = CPU time to queue one fwd+bwd, peak MB of "
+          "fwd+bwd over the inputs")
+    print(f"{'D':>4} {'T':>6} {'documents':<12} {'method':<15} {'fwd ms':>8} {'TF/s':>6} {'ratio':>6} "
+          f"{'f+b ms':>8} {'TF/s':>6} {'ratio':>6} {'host ms':>7} {'peak MB':>8}")
+    Hq, Hkv = 16, 2
+    for D in args.dims:
+        for T in args.lengths:
+            # packed: four documents of 40%, 25%, 20% and the rest of T (an SFT batch of unequal chains)
+            for lengths in (None, [2 * T // 5, T // 4, T // 5, T - 2 * T // 5 - T // 4 - T // 5]):
+                q, k, v, do = (rand(1, T, h, D).transpose(1, 2) for h in (Hq, Hkv, Hkv, Hq))  # (1, H, T, D) views
+                squares = T * T if lengths is None else sum(n * n for n in lengths)
+                fwd_flops = 2 * 2 * Hq * squares * D / 2  # causal: half of each document's scores
+                rows = []
+                for name, fn, inputs in attention_methods(q, k, v, lengths):
+                    forward, both, leaves = fwd_bwd(fn, inputs, do)
+                    rows.append((name, bench(forward, leaves), bench(both, leaves), host_ms(both, leaves),
+                                 peak_mb(both, leaves)))
+                base = next((r for r in rows if r[0].startswith(("sdpa flash", "flash varlen"))), None) or \
+                    next((r for r in rows if r[0].startswith("flash")), rows[0])
+                docs = "1" if lengths is None else f"{len(lengths)} packed"
+                for name, t_f, t_fb, t_host, mb in rows:
+                    print(f"{D:>4} {T:>6} {docs:<12} {name:<15} {t_f:8.2f} {fwd_flops / t_f / 1e9:6.0f} "
+                          f"{base[1] / t_f:6.2f} {t_fb:8.2f} {3.5 * fwd_flops / t_fb / 1e9:6.0f} "
+                          f"{base[2] / t_fb:6.2f} {t_host:7.2f} {mb:8.0f}", flush=True)
+
+
+def timings(args):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter mishandles bf16 dots
+    print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (smoke run, interpreter)'}, "
+          f"torch {torch.__version__}")
     g = torch.Generator(device=dev).manual_seed(0)
     rand = lambda *s: torch.randn(*s, device=dev, generator=g).to(bf16)  # noqa: E731
+    T, N, C, V = (1500, 4096, 3584, 151936) if not args.tiny else (100, 64, 64, 1000)
 
     print("\n== correctness: max abs error vs the fp32 reference [out, grads...] (PyTorch's own bf16 error)")
-    q, k, v, do = rand(1, 16, 1500, 128), rand(1, 2, 1500, 128), rand(1, 2, 1500, 128), rand(1, 16, 1500, 128)
+    q, k, v, do = rand(1, 16, T, 128), rand(1, 2, T, 128), rand(1, 2, T, 128), rand(1, 16, T, 128)
     check(attention_triton, attention_ref, [q, k, v], do, "attention causal GQA")
-    cu = torch.tensor([0, 200, 1100, 1500], device=dev, dtype=torch.int32)
+    cu = torch.tensor([0, 2 * T // 15, 11 * T // 15, T], device=dev, dtype=torch.int32)
     check(lambda q, k, v: attention_triton(q, k, v, True, cu), lambda q, k, v: attention_ref(q, k, v, True, cu),
           [q, k, v], do, "attention packed documents")
-    x, w = rand(4096, 3584), 1 + 0.1 * rand(3584)
-    check(lambda x, w: rms_norm_triton(x, w, 1e-6), lambda x, w: rms_norm_ref(x, w, 1e-6), [x, w], rand(4096, 3584),
+    x, w = rand(N, C), 1 + 0.1 * rand(C)
+    check(lambda x, w: rms_norm_triton(x, w, 1e-6), lambda x, w: rms_norm_ref(x, w, 1e-6), [x, w], rand(N, C),
           "rms_norm")
-    h, wv = rand(4096, 896), 0.05 * rand(151936, 896)
-    labels = torch.randint(0, 151936, (4096,), device=dev, generator=g)
+    h, wv = rand(N, 896 if not args.tiny else 64), 0.05 * rand(V, 896 if not args.tiny else 64)
+    labels = torch.randint(0, V, (N,), device=dev, generator=g)
     labels[::7] = -100
     unfused = lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels)  # noqa: E731  HF: bf16 logits, fp32 loss
     check(lambda h, w: linear_cross_entropy_triton(h, w, labels), unfused, [h, wv], None, "linear_cross_entropy",
           floor=1e-4)
 
-    print("\n== attention, B=1, D=128, bf16, causal: ms, TFLOP/s, ratio = SDPA flash time / this time, "
-          "peak MB of fwd+bwd over inputs")
-    print(f"{'T':>6} {'Hq/Hkv':>7} {'method':<14} {'fwd ms':>8} {'TF/s':>6} {'ratio':>6} "
-          f"{'f+b ms':>8} {'TF/s':>6} {'ratio':>6} {'peak MB':>8}")
-    for T in ([2048, 8192] if args.quick else [2048, 8192, 16384]):
-        for Hq, Hkv in ([(16, 2)] if args.quick else [(16, 2), (28, 4)]):
-            q, k, v, do = rand(1, Hq, T, 128), rand(1, Hkv, T, 128), rand(1, Hkv, T, 128), rand(1, Hq, T, 128)
-            fwd_flops = 2 * 2 * Hq * T * T * 128 / 2  # causal: half the T x T scores
-            rows = []
-            for name, fn, inputs in attention_methods(q, k, v):
-                forward, both, leaves = fwd_bwd(fn, inputs, do)
-                rows.append((name, bench(forward, leaves), bench(both, leaves), peak_mb(both, leaves)))
-            flash = next((r for r in rows if r[0].startswith("sdpa flash")), rows[0])
-            for name, t_f, t_fb, mb in rows:
-                print(f"{T:>6} {f'{Hq}/{Hkv}':>7} {name:<14} {t_f:8.2f} {fwd_flops / t_f / 1e9:6.0f} "
-                      f"{flash[1] / t_f:6.2f} {t_fb:8.2f} {3.5 * fwd_flops / t_fb / 1e9:6.0f} {flash[2] / t_fb:6.2f} "
-                      f"{mb:8.0f}")
+    attention_table(args, rand)
 
     print("\n== RMSNorm, bf16, 16384 rows: ms (fwd GB/s counting x read + y written), speedup over eager")
-    for D in ([896] if args.quick else [896, 3584]):
-        x, w, dy = rand(16384, D), 1 + 0.1 * rand(D), rand(16384, D)
+    for D in ([896, 3584] if not args.tiny else [64]):
+        x, w, dy = rand(16384 if not args.tiny else 64, D), 1 + 0.1 * rand(D), rand(16384 if not args.tiny else 64, D)
         res = {}
         for name, fn in (("triton", rms_norm_triton), ("eager", rms_norm_ref)):
             forward, both, leaves = fwd_bwd(lambda x, w, fn=fn: fn(x, w, 1e-6), [x, w], dy)
@@ -160,9 +246,9 @@ def gpu(args):
                                      for n, (f, fb) in res.items())
               + f"  speedup fwd {res['eager'][0] / res['triton'][0]:.2f}x, f+b {res['eager'][1] / res['triton'][1]:.2f}x")
 
-    print("\n== fused linear + cross-entropy, bf16, D=896, V=151936: fwd+bwd ms and peak MB over inputs")
-    for N in ([4096] if args.quick else [8192, 16384]):
-        h, labels = rand(N, 896), torch.randint(0, 151936, (N,), device=dev, generator=g)
+    print(f"\n== fused linear + cross-entropy, bf16, D={wv.shape[1]}, V={V}: fwd+bwd ms and peak MB over inputs")
+    for N in ([8192, 16384] if not args.tiny else [64]):
+        h, labels = rand(N, wv.shape[1]), torch.randint(0, V, (N,), device=dev, generator=g)
         for name, fn in (("triton (ours)", lambda h, w: linear_cross_entropy_triton(h, w, labels)),
                          ("torch chunked", lambda h, w: linear_cross_entropy_ref(h, w, labels)),
                          ("F.linear+F.ce", lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels))):
@@ -225,15 +311,23 @@ def cpu(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller GPU sweep")
+    p.add_argument("--quick", action="store_true", help="attention at D=128 and T in 2048, 8192 only")
+    p.add_argument("--dims", type=int, nargs="+", default=[128, 64], help="attention head dims")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="attention sequence lengths")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the GPU path (on CPU under "
+                   "TRITON_INTERPRET=1)")
     p.add_argument("--cpu", action="store_true", help="CPU memory benchmark of the chunked loss (default without CUDA)")
     p.add_argument("--cpu-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the CPU benchmark")
     p.add_argument("--cpu-child", choices=["chunked", "unfused"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.dims, args.lengths = [128], [2048, 8192]
+    if args.tiny:
+        args.dims, args.lengths = [64], [40, 130]
     if args.cpu_child:
         cpu_child(args.cpu_child, args.cpu_dtype, args.out)
-    elif args.cpu or not torch.cuda.is_available():
+    elif args.cpu or not (torch.cuda.is_available() or args.tiny):
         cpu(args)
     else:
-        gpu(args)
+        timings(args)

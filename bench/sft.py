@@ -3,12 +3,14 @@
     python bench/sft.py                                  # T = 1024 and 4096, float32 and bfloat16
     python bench/sft.py --quick                          # 1 warmup + 2 timed steps each, 1 round
     python bench/sft.py --grad-checkpointing             # both sides recompute activations
+    python bench/sft.py --model DIR --impls ours --lengths 16384 32768 --dtypes bfloat16 --grad-checkpointing --longest
+                                                         # long rows, ours only, and the longest that fits
 
 A step is: forward with the loss on every next token of one row of T tokens (B = 1), backward,
 gradient clipping to 1.0, AdamW (the optimizer sft.py builds, for both). Ours is sft.LossModel (hidden
 states -> chunked linear cross-entropy, never T x V logits) through sft.train_step; transformers' is
-AutoModelForCausalLM from the same folder with its normal `labels=` loss. Weights are fp32 on both
-sides; bfloat16 means autocast, as the HF Trainer does it.
+AutoModelForCausalLM from the same folder with its normal `labels=` loss and SDPA attention. Weights
+are fp32 on both sides; bfloat16 means autocast, as the HF Trainer does it.
 
 How it measures, on a machine that may be shared and noisy:
 - speed: one child process holds both models and alternates their steps (ours, theirs, theirs, ours,
@@ -17,7 +19,10 @@ How it measures, on a machine that may be shared and noisy:
 - peak memory: a fresh child process per implementation and configuration runs two steps (from the
   second on, activations coexist with the optimizer state: the steady-state peak) and reports
   ru_maxrss on CPU (the whole process: weights, optimizer, libraries) or torch.cuda.max_memory_allocated
-  on GPU.
+  on GPU;
+- --longest: with activation checkpointing and a chunked loss, peak memory grows linearly in T (flash
+  attention keeps no T x T matrix), so a line through the first and last rows' peaks, solved for the
+  device's memory, predicts the longest row one step can train on (not run: a step there is long).
 """
 import argparse
 import json
@@ -49,7 +54,8 @@ def make_step(impl, args, device, dtype, ids):
         one = sft.Dist(0, 1, device)
         return lambda: sft.train_step(lm, optimizer, [batch], ids.shape[1] - 1, one, 1.0)[0]
     import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                           attn_implementation="sdpa").to(device).train()
     if args.grad_checkpointing:
         hf.gradient_checkpointing_enable()
     optimizer = sft.build_optimizer(hf, settings, device)
@@ -73,7 +79,7 @@ def child(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (1, args.seq), device=device)  # (1, T)
-    impls = ["ours", "hf"] if args.child == "speed" else [args.child]
+    impls = args.impls if args.child == "speed" else [args.child]
     steps = {impl: make_step(impl, args, device, dtype, ids) for impl in impls}
     times, losses = {impl: [] for impl in impls}, {}
     for i in range(args.warmup + args.steps if args.child == "speed" else 2):
@@ -86,13 +92,15 @@ def child(args):
             losses.setdefault(impl, loss)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     print(json.dumps({"times": {k: v[args.warmup:] for k, v in times.items()}, "peak_gb": peak / 1e9,
+                      "total_gb": total / 1e9,
                       "first_loss": losses, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}))
 
 
 def run_child(impl, seq, dtype, args):
     cmd = [sys.executable, __file__, "--child", impl, "--seq", str(seq), "--dtype", dtype, "--model", args.model,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--impls", *args.impls]
     cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
     cmd += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -114,6 +122,8 @@ def main():
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of our loss (default: the kernel's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--impls", nargs="+", default=["ours", "hf"], choices=["ours", "hf"], help="what to run")
+    p.add_argument("--longest", action="store_true", help="predict the longest row that fits (see above)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--child", choices=["speed", "ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -127,10 +137,10 @@ def main():
     for seq in args.lengths:
         for dtype in args.dtypes:
             row = {"T": seq, "dtype": dtype}
-            for impl in ("ours", "hf"):
+            for impl in args.impls:
                 r = run_child(impl, seq, dtype, args)
-                row[f"{impl}_peak_gb"], row["device"] = r["peak_gb"], r["device"]
-            times = {"ours": [], "hf": []}
+                row[f"{impl}_peak_gb"], row["device"], row["total_gb"] = r["peak_gb"], r["device"], r["total_gb"]
+            times = {impl: [] for impl in args.impls}
             for _ in range(args.rounds):
                 r = run_child("speed", seq, dtype, args)
                 for impl in times:
@@ -139,8 +149,8 @@ def main():
             for impl in times:
                 row[f"{impl}_tok_s"] = seq / statistics.median(times[impl])
                 row[f"{impl}_step_s"] = [round(t, 3) for t in times[impl]]
-            print(f"  T={seq} {dtype}: ours {row['ours_tok_s']:,.0f} tok/s {row['ours_peak_gb']:.2f} GB, "
-                  f"hf {row['hf_tok_s']:,.0f} tok/s {row['hf_peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+            print(f"  T={seq} {dtype}: " + ", ".join(f"{i} {row[f'{i}_tok_s']:,.0f} tok/s {row[f'{i}_peak_gb']:.2f} GB"
+                                                    for i in args.impls), file=sys.stderr, flush=True)
             results.append(row)
     print(f"\nsft.py vs transformers, one training step (B=1, AdamW, clip 1.0), {results[0]['device']}, "
           f"{args.rounds} round(s) x {args.steps} timed steps each, grad checkpointing {'on' if args.grad_checkpointing else 'off'}")
@@ -153,15 +163,32 @@ def main():
         weights = L * (H * D * (2 * c["num_attention_heads"] + 2 * kv) + 3 * H * c["intermediate_size"]) + H * c["vocab_size"]
         for r in results:
             flops = 6 * weights + 6 * L * r["T"] * c["num_attention_heads"] * D  # per token; 12 L T d halved by causality
-            r["ours_mfu"], r["hf_mfu"] = (r[f"{i}_tok_s"] * flops / (args.peak_tflops * 1e12) for i in ("ours", "hf"))
-            print(f"  T={r['T']} {r['dtype']}: MFU ours {r['ours_mfu']:.1%}, transformers {r['hf_mfu']:.1%} "
-                  f"(of {args.peak_tflops:.0f} TFLOP/s)")
+            for i in args.impls:
+                r[f"{i}_mfu"] = r[f"{i}_tok_s"] * flops / (args.peak_tflops * 1e12)
+            print(f"  T={r['T']} {r['dtype']}: MFU " + ", ".join(f"{i} {r[f'{i}_mfu']:.1%}" for i in args.impls)
+                  + f" (of {args.peak_tflops:.0f} TFLOP/s)")
+    both = args.impls == ["ours", "hf"]
     for r in results:
-        print(f"{r['T']:>6} {r['dtype']:>9} | {r['ours_tok_s']:>10,.0f} {r['hf_tok_s']:>9,.0f} "
-              f"{r['ours_tok_s'] / r['hf_tok_s']:>5.2f}x | {r['ours_peak_gb']:>8.2f} {r['hf_peak_gb']:>7.2f} "
-              f"{r['ours_peak_gb'] / r['hf_peak_gb']:>5.2f}x | {r['ours_first_loss']:>9.4f} {r['hf_first_loss']:>8.4f}")
+        ratio = lambda key: f"{r[f'ours_{key}'] / r[f'hf_{key}']:>5.2f}x" if both else f"{'-':>6}"  # noqa: E731
+        cell = lambda key, width, fmt: format(r[key], fmt).rjust(width) if key in r else "-".rjust(width)  # noqa: E731
+        print(f"{r['T']:>6} {r['dtype']:>9} | {cell('ours_tok_s', 10, ',.0f')} {cell('hf_tok_s', 9, ',.0f')} "
+              f"{ratio('tok_s')} | {cell('ours_peak_gb', 8, '.2f')} {cell('hf_peak_gb', 7, '.2f')} "
+              f"{ratio('peak_gb')} | {cell('ours_first_loss', 9, '.4f')} {cell('hf_first_loss', 8, '.4f')}")
+    if args.longest and "ours" in args.impls:
+        longest(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def longest(results):
+    """The longest row one step fits in, from a line through (T, peak) of the first and last rows."""
+    (t1, p1), (t2, p2) = [(r["T"], r["ours_peak_gb"]) for r in (results[0], results[-1])]
+    if t2 <= t1 or p2 <= p1:
+        return print("--longest needs two lengths, the peak growing with T")
+    per_token = (p2 - p1) / (t2 - t1)  # GB per token
+    total = results[-1]["total_gb"] or float("nan")
+    print(f"peak memory ~ {p1 - per_token * t1:.1f} GB + {per_token * 1e6:.1f} KB per token: the longest row "
+          f"that fits {total:.0f} GB is ~{int((total - p1) / per_token + t1):,} tokens (predicted, not run)")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,18 @@ Per query head h (reading key/value head h // (Hq / Hkv), never a repeated copy 
 
 Forward, one program per block of BLOCK_M queries, streaming BLOCK_N keys at a time (no T x T matrix):
     m' = max(m, rowmax S_blk),  l = l 2^(m - m') + rowsum 2^(S_blk - m'),  acc = acc 2^(m - m') + P_blk V_blk
-    O = acc / l,   LSE = m + log l   (saved in fp32 for the backward; the kernels work in base 2,
-                                      exp(x) = 2^(x log2 e), with the scale folded into qk_scale)
-Backward, recomputing P = exp(S - LSE) block by block:
-    Delta_i = sum_d dO_id O_id                                     (a small preprocess kernel)
+    O = acc / l,   LSE2 = m + log2 l   (saved in fp32 for the backward; the kernels work in base 2,
+                                        exp(x) = 2^(x log2 e), log2 e folded into qk_scale, so m and LSE2
+                                        are in units of S log2 e)
+Backward, recomputing P = 2^(S log2 e - LSE2) block by block:
+    Delta_i = sum_d dO_id O_id
     dV = P^T dO,  dP = dO V^T,  dS = P (dP - Delta),  dK = dS^T Q / sqrt(D),  dQ = dS K / sqrt(D)
-  One program per key block accumulates dK and dV over every query block of every q head that shares
-  its kv head (the GQA sum, in registers, no atomics; when that grid is too small to fill the GPU the
-  heads are split over a few programs whose fp32 partials are summed after). A second kernel, one
-  program per query block, computes dQ. Each output is written exactly once.
+  First one program per query block computes dQ (and Delta for its rows, stored for the next kernel).
+  Then one program per key block accumulates dK and dV over every query block of every q head that
+  shares its kv head (the GQA sum, in registers, no atomics; when that grid is too small to fill the GPU
+  the heads are split over a few programs whose fp32 partials are summed after). Each output is written
+  exactly once; the price is computing S and dP twice: 7 block matmuls where FlashAttention-2, adding
+  dS K into dQ with atomics inside the dK/dV loop, does 5.
 
 Block skipping: a query block visits only the key blocks some of its rows may see (the causal triangle,
 its documents). Only blocks at an edge (the diagonal, a document boundary, the tail past T) evaluate the
@@ -29,6 +32,7 @@ plain SDPA, is the CPU path and the test oracle.
 """
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,10 @@ except ImportError:  # e.g. macOS: the module still imports, only attention_ref 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+# The last cu_seqlens checked: (weak reference, version counter, T, document bounds or None). A model's
+# layers all pass the same tensor, so its values are copied to the host (which waits for every queued
+# GPU kernel) and its document bounds built once per batch, not once per layer.
+_last_cu_seqlens = (None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- checks and reference
@@ -78,13 +86,24 @@ def _check(q, k, v, cu_seqlens):
         raise ValueError(f"cu_seqlens packs documents along one row: needs B == 1, got B = {B}")
     if Tq != Tk:
         raise ValueError("cu_seqlens needs as many queries as keys (no KV cache)")
-    cuts = cu_seqlens.tolist()  # one small device->host copy; the checks below need the values
+    if _is_last_cu_seqlens(cu_seqlens, Tq):
+        return
+    cuts = cu_seqlens.tolist()  # a device->host copy: once per batch, see _last_cu_seqlens
     if len(cuts) < 2 or cuts[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0 and hold at least 2 entries, got {cuts[:4]}...")
     if any(b < a for a, b in zip(cuts, cuts[1:])):
         raise ValueError("cu_seqlens must be non-decreasing")
     if cuts[-1] != Tq:
         raise ValueError(f"cu_seqlens must end at T = {Tq}, got {cuts[-1]}")
+    global _last_cu_seqlens
+    if not cu_seqlens.is_inference():  # inference tensors keep no version counter
+        _last_cu_seqlens = (weakref.ref(cu_seqlens), cu_seqlens._version, Tq, None)
+
+
+def _is_last_cu_seqlens(cu_seqlens, T):
+    """Whether cu_seqlens is the tensor checked last, unchanged since, for the same T."""
+    ref, version, last_T, _ = _last_cu_seqlens
+    return ref is not None and ref() is cu_seqlens and (version, last_T) == (cu_seqlens._version, T)
 
 
 def _sdpa(q, k, v, causal):
@@ -112,22 +131,28 @@ def attention_ref(q, k, v, causal=True, cu_seqlens=None):
 def _configs(kind):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. BLOCK_M counts queries, BLOCK_N keys.
     Under the interpreter one small config: tests then cover multi-block loops and tails at tiny T,
-    with BLOCK_M != BLOCK_N both ways, and autotuning stays off."""
+    with BLOCK_M != BLOCK_N both ways, and autotuning stays off.
+
+    On sm_90 a warpgroup (4 warps) owns 64 rows of each tile, and for chained dots (scores -> P -> P V)
+    Triton stacks every warpgroup along those rows: with 8 warps on a 64-row tile both warpgroups
+    compute the same scores. So the rows of the chained tile (queries in fwd and dQ, keys in dK/dV) are
+    64 per 4 warps. None of these spills registers at D = 64 or 128 with triton 3.6 (at most 4 bytes with
+    3.9): bench/compile_sm90.py, BENCHMARKS.md."""
     if _INTERPRET:
         shapes = [(16, 32, 4, 1)] if kind == "dkdv" else [(32, 16, 4, 1)]
-    # picked by compiling for sm_90 offline: none spills registers at D = 64; at D = 128 the first of
-    # each list does not (dK/dV: 20 bytes), the others are there for D = 64
-    elif kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
-    elif kind == "dkdv":  # a key block (BLOCK_N) keeps K, V, dK, dV in registers while queries stream past
-        shapes = [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
-    else:  # dq
-        shapes = [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)]
+    elif kind == "dkdv":  # a key block (BLOCK_N) keeps K, V, dK, dV on chip while query blocks stream past
+        shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
+    else:  # fwd and dq: a query block keeps Q (and dO, dQ) on chip while key blocks stream past
+        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 # Autotune per power-of-two bucket of T, not per T: packed SFT batches change T every step.
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "VARLEN"]
+# Triton compiles a variant per launch for every int argument that is 1 or divisible by 16; these are
+# only used in scalar index arithmetic, so one compiled variant serves them all (fewer, faster autotunes;
+# a kernel ignores the names it does not take).
+_SCALARS = ["H", "GROUP", "HEADS_PER_PROGRAM", "T_BUCKET"]
 
 
 @triton.jit
@@ -206,7 +231,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, rows_lo,
 
 
 @triton.autotune(configs=_configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_SCALARS)
 def _attn_fwd(Q, K, V, O, LSE, DOC_START, DOC_END,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
@@ -243,48 +268,34 @@ def _attn_fwd(Q, K, V, O, LSE, DOC_START, DOC_END,
     o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
         + rows.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]  # (BM, D)
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None] < T)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # (BM,) back to natural log: ln 2 * log2
-    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # (BM,) base 2, scaled
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt, H, T,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs = rows.to(tl.int64)[:, None]
-    offs_d = tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs * stride_ot + offs_d,
-                mask=rows[:, None] < T, other=0.0)  # (BM, D)
-    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs * stride_dt + offs_d,
-                 mask=rows[:, None] < T, other=0.0)  # (BM, D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BM,)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
-
-
-@triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot, cols_lo, cols_hi,
-                 start, end, T, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Works on transposed tiles (keys x queries) so that dV += P^T dO and dK += dS^T Q need no transpose."""
+def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qh, stride_qt, stride_doh, stride_dot,
+                 heads, cols_lo, cols_hi, start, end, T, qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """Query blocks [start, end) of `heads` consecutive q heads, in one flat loop: a loop over heads
+    around a loop over blocks keeps more values live and spills registers at D = 128 on sm_90.
+    Works on transposed tiles (keys x queries) so that dV += P^T dO and dK += dS^T Q need no transpose."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
-        q_ptrs = Q_head + rows.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]  # (BM, D)
-        do_ptrs = DO_head + rows.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]  # (BM, D)
+    blocks = tl.cdiv(end - start, BLOCK_M)
+    for i in range(0, heads * blocks):
+        g = i // blocks  # the q head, counted from the program's first
+        rows = start + (i - g * blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        q_ptrs = Q_head + g.to(tl.int64) * stride_qh + rows.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO_head + g.to(tl.int64) * stride_doh + rows.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]
+        lse_ptrs = LSE_head + g.to(tl.int64) * T + rows  # (BM,) LSE and Delta are (B, H, T)
+        delta_ptrs = DELTA_head + g.to(tl.int64) * T + rows  # (BM,)
         if MASKED:
-            q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)
-            do = tl.load(do_ptrs, mask=rows[:, None] < T, other=0.0)
-            lse = tl.load(LSE_head + rows, mask=rows < T, other=0.0)
-            delta = tl.load(DELTA_head + rows, mask=rows < T, other=0.0)
+            q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)  # (BM, D)
+            do = tl.load(do_ptrs, mask=rows[:, None] < T, other=0.0)  # (BM, D)
+            lse2 = tl.load(lse_ptrs, mask=rows < T, other=0.0)
+            delta = tl.load(delta_ptrs, mask=rows < T, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE_head + rows)
-            delta = tl.load(DELTA_head + rows)
+            q, do, lse2, delta = tl.load(q_ptrs), tl.load(do_ptrs), tl.load(lse_ptrs), tl.load(delta_ptrs)
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BN, BM) base-2 scores
-        p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)  # (BN, BM) P recomputed from the saved LSE
+        p_t = tl.exp2(s_t - lse2[None, :])  # (BN, BM) P recomputed from the saved LSE
         if MASKED:
             seen = (rows[None, :] >= cols_lo[:, None]) & (rows[None, :] < cols_hi[:, None])  # (BN, BM)
             p_t = tl.where(seen, p_t, 0.0)
@@ -296,7 +307,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt,
 
 
 @triton.autotune(configs=_configs("dkdv"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_SCALARS)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -325,21 +336,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
         full_lo = tl.maximum(full_lo, end_n - 1)
     lo, a, b_ = _split(lo, full_lo, full_hi, hi, BLOCK_M)
 
+    # every q head reading this kv head (or this program's share of them) adds to dK, dV
+    split = tl.program_id(2)
+    h = h_kv * GROUP + split * HEADS_PER_PROGRAM  # the first of them
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    LSE_head = LSE + (b * H + h).to(tl.int64) * T
+    DELTA_head = DELTA + (b * H + h).to(tl.int64) * T
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    split = tl.program_id(2)
-    for g in range(HEADS_PER_PROGRAM):  # every q head reading this kv head (or a share of them) adds to dK, dV
-        h = h_kv * GROUP + split * HEADS_PER_PROGRAM + g
-        Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        LSE_head = LSE + (b * H + h).to(tl.int64) * T
-        DELTA_head = DELTA + (b * H + h).to(tl.int64) * T
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
-                              cols_lo, cols_hi, lo, a, T, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
-                              cols_lo, cols_hi, a, b_, T, qk_scale, False, BLOCK_M, HEAD_DIM, PREC)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qt, stride_dot,
-                              cols_lo, cols_hi, b_, hi, T, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qh, stride_qt, stride_doh,
+                          stride_dot, HEADS_PER_PROGRAM, cols_lo, cols_hi, lo, a, T, qk_scale, True, BLOCK_M,
+                          HEAD_DIM, PREC)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qh, stride_qt, stride_doh,
+                          stride_dot, HEADS_PER_PROGRAM, cols_lo, cols_hi, a, b_, T, qk_scale, False, BLOCK_M,
+                          HEAD_DIM, PREC)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, stride_qh, stride_qt, stride_doh,
+                          stride_dot, HEADS_PER_PROGRAM, cols_lo, cols_hi, b_, hi, T, qk_scale, True, BLOCK_M,
+                          HEAD_DIM, PREC)
 
     dk_ptrs = DK + split.to(tl.int64) * stride_dks + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh \
         + cols.to(tl.int64)[:, None] * stride_dkt + offs_d[None, :]  # (BN, D)
@@ -368,13 +382,14 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row
 
 
 @triton.autotune(configs=_configs("dq"), key=_KEY)
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
-                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+@triton.jit(do_not_specialize=_SCALARS)
+def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                 stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
                  H, GROUP, T, T_BUCKET, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ for one query block, and Delta for its rows, stored for the dK/dV kernel that runs next."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -386,10 +401,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
     offs_d = tl.arange(0, HEAD_DIM)[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs * stride_qt + offs_d,
                 mask=rows[:, None] < T, other=0.0)  # (BM, D)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs * stride_ot + offs_d,
+                mask=rows[:, None] < T, other=0.0)  # (BM, D)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs * stride_dot + offs_d,
                  mask=rows[:, None] < T, other=0.0)  # (BM, D)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0) * 1.4426950408889634  # (BM,)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)  # (BM,)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BM,)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)  # (BM,)
     K_head = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     V_head = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
 
@@ -409,11 +427,28 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
 # ----------------------------------------------------------------------------- autograd + entry point
 
 def _doc_bounds(cu_seqlens, T):
-    """Start and end of the document holding each position: a block reads its document range in 2 loads."""
+    """Start and end of the document holding each position: a block reads its document range in 2 loads.
+    Built once per cu_seqlens tensor (see _last_cu_seqlens), not once per layer."""
+    global _last_cu_seqlens
+    if _is_last_cu_seqlens(cu_seqlens, T) and _last_cu_seqlens[3] is not None:
+        return _last_cu_seqlens[3]
     cu = cu_seqlens.to(torch.int32)
     pos = torch.arange(T, dtype=torch.int32, device=cu.device)  # (T,)
     doc = torch.searchsorted(cu[1:], pos, right=True)  # (T,) index of the document holding each position
-    return cu[doc].contiguous(), cu[doc + 1].contiguous()  # (T,), (T,)
+    bounds = cu[doc].contiguous(), cu[doc + 1].contiguous()  # (T,), (T,)
+    if _is_last_cu_seqlens(cu_seqlens, T):
+        _last_cu_seqlens = (*_last_cu_seqlens[:3], bounds)
+    return bounds
+
+
+def _dkdv_split(T, B, Hkv, group, device):
+    """Into how many programs the dK/dV kernel splits each kv head's group of q heads. One program per
+    (key block, kv head) sums over the whole group; short T and few kv heads leave SMs idle, so then
+    the group is split and the programs' fp32 partials summed after. Counted with 128-key blocks, the
+    largest of the configs; 4 "SMs" under the interpreter, so that small tests take both paths."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return next(s for s in range(1, group + 1) if group % s == 0 and
+                (triton.cdiv(T, 128) * B * Hkv * s >= 2 * sms or s == group))
 
 
 class _Attention(torch.autograd.Function):
@@ -427,54 +462,48 @@ class _Attention(torch.autograd.Function):
         # fp32 tl.dot defaults to TF32 on GPUs; fp32 inputs ask for full precision instead
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, T, D) view
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # (B, H, T)
+        lse2 = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # (B, H, T)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, doc_start, doc_end,
+        _attn_fwd[grid](q, k, v, o, lse2, doc_start, doc_end,
                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                         H, group, T, triton.next_power_of_2(T), sm_scale * _LOG2E,
                         HEAD_DIM=D, CAUSAL=causal, VARLEN=varlen, PREC=prec)
-        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.save_for_backward(q, k, v, o, lse2, doc_start, doc_end)
         ctx.causal, ctx.varlen, ctx.prec = causal, varlen, prec
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        q, k, v, o, lse2, doc_start, doc_end = ctx.saved_tensors
         B, H, T, D = q.shape
-        group = H // k.shape[1]
+        Hkv = k.shape[1]
+        group = H // Hkv
         sm_scale = 1.0 / math.sqrt(D)
         if do.stride(-1) != 1:
             do = do.contiguous()
-        delta = torch.empty_like(lse)  # (B, H, T)
-        _attn_bwd_delta[(triton.cdiv(T, 32), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
-                                                     HEAD_DIM=D, BLOCK_M=32)
         args = dict(HEAD_DIM=D, CAUSAL=ctx.causal, VARLEN=ctx.varlen, PREC=ctx.prec)
-        # dK, dV: one program per (key block, kv head) sums over the group's q heads. Short T and few kv
-        # heads leave SMs idle, so then the group is split over `split` programs whose fp32 partials
-        # are summed here.
-        Hkv = k.shape[1]
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        split = next(s for s in range(1, group + 1) if group % s == 0 and
-                     (triton.cdiv(T, 64) * B * Hkv * s >= 2 * sms or s == group))
+        # dQ first: it also writes Delta, which dK/dV reads
+        dq, delta = torch.empty_like(q), torch.empty_like(lse2)  # (B, H, T, D), (B, H, T)
+        grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq[grid_m](q, k, v, o, do, lse2, delta, dq, doc_start, doc_end,
+                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+                             *dq.stride()[:3], H, group, T, triton.next_power_of_2(T), sm_scale * _LOG2E, sm_scale,
+                             **args)
+        split = _dkdv_split(T, B, Hkv, group, q.device)
         if split == 1:
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             dk_out, dv_out = dk.unsqueeze(0), dv.unsqueeze(0)  # (1, B, Hkv, T, D) views
-        else:
-            dk_out = torch.empty(split, B, Hkv, T, D, dtype=torch.float32, device=q.device)  # (S, B, Hkv, T, D)
-            dv_out = torch.empty_like(dk_out)  # (S, B, Hkv, T, D)
+        else:  # one buffer for both, so that one sum and one cast finish them
+            dkv_out = torch.empty(split, 2, B, Hkv, T, D, dtype=torch.float32, device=q.device)  # (S, 2, B, Hkv, T, D)
+            dk_out, dv_out = dkv_out[:, 0], dkv_out[:, 1]  # (S, B, Hkv, T, D) views
         grid_n = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, split)  # noqa: E731
-        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk_out, dv_out, doc_start, doc_end,
+        _attn_bwd_dkdv[grid_n](q, k, v, do, lse2, delta, dk_out, dv_out, doc_start, doc_end,
                                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
                                *dk_out.stride()[:4], *dv_out.stride()[:4],
                                H, group, group // split, T, triton.next_power_of_2(T), sm_scale * _LOG2E, sm_scale,
                                **args)
         if split > 1:
-            dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)  # (B, Hkv, T, D)
-        dq = torch.empty_like(q)
-        grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, doc_start, doc_end,
-                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-                             H, group, T, triton.next_power_of_2(T), sm_scale * _LOG2E, sm_scale, **args)
+            dk, dv = dkv_out.sum(0).to(k.dtype).unbind(0)  # (B, Hkv, T, D) each
         return dq, dk, dv, None, None
 
 

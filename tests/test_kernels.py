@@ -9,6 +9,7 @@ reference is at most about twice PyTorch's own bf16 error, plus a small floor.
 
     .venv/bin/python -m pytest tests/test_kernels.py -q
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -63,6 +64,10 @@ def qkv(B, Hq, Hkv, T, D, dtype, seed=0, transposed=False):
     (2, 7, 1, 17, 64, False, torch.float32, False),
     (1, 2, 2, 130, 64, True, torch.float16, False),
     (1, 7, 1, 130, 128, True, torch.float16, True),
+    # one dK/dV program loops over several q heads (the long-T GQA path that spilled registers):
+    # 4 heads each, the whole group; 2 heads each, the group split over programs
+    (2, 8, 2, 257, 64, True, torch.float32, True),
+    (1, 8, 1, 300, 128, True, torch.float16, False),
 ])
 def test_attention(B, Hq, Hkv, T, D, causal, dtype, transposed):
     q, k, v, do = qkv(B, Hq, Hkv, T, D, dtype, transposed=transposed)
@@ -79,6 +84,7 @@ def test_attention(B, Hq, Hkv, T, D, causal, dtype, transposed):
     ([7, 100, 23], 4, 2, 64, False, torch.float32),
     ([30, 0, 47], 2, 2, 64, True, torch.float32),  # an empty document is allowed
     ([1, 16, 17], 4, 2, 128, False, torch.float16),
+    ([100, 157, 43], 6, 1, 64, True, torch.float32),  # 2 q heads per dK/dV program, across documents
 ])
 def test_attention_packed_documents(lengths, Hq, Hkv, D, causal, dtype):
     T = sum(lengths)
@@ -88,6 +94,31 @@ def test_attention_packed_documents(lengths, Hq, Hkv, D, causal, dtype):
     ref, ref_grads = grads_of(lambda q, k, v: attention_ref(q, k, v, causal, cu), [q.float(), k.float(), v.float()],
                               do.float())
     assert_all_close([out, *grads], [ref, *ref_grads], TOL[dtype])
+
+
+def test_attention_copies_cu_seqlens_to_the_host_once(monkeypatch):
+    """Every layer passes the same cu_seqlens: its values go to the host (a GPU sync) on the first
+    call only; changed in place, they are checked again."""
+    q, k, v, _ = qkv(1, 4, 2, 17, 64, torch.float32)
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=DEVICE)
+    copies, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(t is cu) or tolist(t))
+    for _ in range(3):
+        attention_triton(q, k, v, True, cu)
+    assert copies.count(True) == 1
+    cu[1] = 20
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention_triton(q, k, v, True, cu)
+
+
+def test_attention_shapes_cover_every_dkdv_path():
+    """The shapes above take each way of sharing a kv head's q heads over dK/dV programs."""
+    split = importlib.import_module("kernels.attention")._dkdv_split
+    cpu = torch.device("cpu")
+    assert split(130, 1, 1, 7, cpu) == 7  # one q head per program
+    assert split(257, 2, 2, 4, cpu) == 1  # the whole group in one program
+    assert split(300, 1, 1, 8, cpu) == 4  # 2 q heads per program, partials summed
+    assert split(300, 1, 1, 6, cpu) == 3
 
 
 def test_attention_ref_packed_equals_block_diagonal_mask():
