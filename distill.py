@@ -44,6 +44,7 @@ counts tokens, whatever they cost).
 """
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -59,9 +60,9 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import (PROMPT_SUFFIX, extract_answer, load_problems, model_fingerprint, read_records, sample_seed,
-                       user_prompt)
-from sample import EndpointError, Request, SamplingParams
+from eval_aime import PROMPT_SUFFIX, extract_answer, load_problems, read_records, sample_seed, user_prompt
+from model import UserError
+from sample import Completion, EndpointError, PromptTooLong, Request, SamplingParams
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
 MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem's 8-grams: 0 = any shared 8-gram
@@ -69,6 +70,7 @@ MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem
 # Filters in the order they are checked; a rejected answer lists every one it fails.
 FILTERS = {
     "contaminated": "overlaps a --decontaminate problem",   # only sent with --keep-all
+    "prompt_too_long": "prompt longer than the teacher's context",   # local teachers: never sent
     "truncated": "cut at --max-tokens (finish_reason length)",
     "unclosed_think": "<think> never closed",
     "no_thinking": "no visible thinking",
@@ -97,7 +99,7 @@ def load_references(paths):
     anything (MATH-500's are LaTeX)."""
     owners, sizes, texts = {}, {}, {}
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with model.user_errors(path), open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -106,7 +108,7 @@ def load_references(paths):
                     text = next(row[k] for k in ("problem", "question", "Problem", "Question") if k in row)
                     assert isinstance(text, str)
                 except (ValueError, StopIteration, AssertionError, TypeError):
-                    raise SystemExit(f"distill.py: {path}:{lineno}: not a JSON object with a problem text") from None
+                    raise UserError(f"{path}:{lineno}: not a JSON object with a problem text") from None
                 where = f"{Path(path).name}:{row.get('id', row.get('unique_id', f'line-{lineno}'))}"
                 words = normalize(text).split()
                 texts.setdefault(" ".join(words), where)
@@ -189,7 +191,7 @@ def seed_of(args, p, k):
 def make_record(p, k, seed, c, params, teacher, plain_ok=False):
     thinking, solution, source, closed = split_reasoning(c)
     extracted = extract_answer(solution) if closed else None
-    flags = [name for name, failed in [
+    flags = ["prompt_too_long"] if c.finish_reason == "prompt_too_long" else [name for name, failed in [
         ("contaminated", bool(p["contaminated"])),
         ("truncated", c.finish_reason == "length"),
         ("unclosed_think", not closed),
@@ -239,11 +241,10 @@ def paths(out):
 
 
 def read_all(files):
-    """Every complete record of the given files (torn last lines cut off first)."""
-    try:
+    """Every complete record of the given files (torn last lines cut off first: check_config has made
+    sure they are ours)."""
+    with model.user_errors():
         return [r for f in files for r in read_records(f, repair=True)]
-    except ValueError as e:
-        raise SystemExit(f"distill.py: {e}")
 
 
 def latest(records):
@@ -263,13 +264,15 @@ def is_done(r, max_tokens):
 
 
 def run_config(args):
-    """What a trace depends on; a rerun with another value is refused. Not here: --max-tokens (may
-    grow: truncated answers are asked again), --samples-per-problem (may grow), the problems and
-    decontamination files (may change: samples are keyed by problem text), speed settings."""
+    """What a trace depends on; a rerun with another value is refused. The decontamination sets by
+    content: a resume without them would send and accept evaluation problems. Not here: --max-tokens
+    (may grow: truncated answers are asked again), --samples-per-problem (may grow), the problems
+    file (may change: samples are keyed by problem text), speed settings."""
     endpoint = is_endpoint(args.teacher)
     return {"teacher": args.teacher if endpoint else str(Path(args.teacher).resolve()),
             "api_model": args.api_model if endpoint else None,
-            "teacher_fingerprint": None if endpoint else model_fingerprint(args.teacher),   # retrained in place?
+            "teacher_fingerprint": None if endpoint else model.folder_fingerprint(args.teacher),  # retrained?
+            "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate),
             "system": args.system,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
@@ -278,19 +281,20 @@ def run_config(args):
             **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
 
 
-def check_config(run_path, config, have_records):
-    if run_path.exists():
-        previous = json.loads(run_path.read_text())
-        old = previous.get("config", {})
-        diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+def check_config(files, config):
+    """The previous run.json, or {} for a new --out. Refused before any file is read or repaired: an
+    --out made with another configuration, and files without a run.json (not ours to touch)."""
+    if files["run"].exists():
+        previous = json.loads(files["run"].read_text())
+        diff = model.changes(previous.get("config", {}), config)
         if diff:
-            changes = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise SystemExit(f"distill.py: {run_path} was made with a different configuration ({changes}). "
-                             "Use another --out, or the same settings to resume.")
+            raise UserError(f"{files['run']} was made with a different configuration ({diff}). "
+                            "Use another --out, or the same settings to resume.")
         return previous
-    if have_records:
-        raise SystemExit(f"distill.py: traces exist but {run_path} does not: cannot tell how they were made. "
-                         "Use another --out.")
+    found = [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]
+    if found:
+        raise UserError(f"{found[0]} exists but {files['run']} does not: it is not a distill.py output. "
+                        "Use another --out.")
     return {}
 
 
@@ -301,26 +305,33 @@ def is_endpoint(teacher):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", required=True, help="problems JSONL: {id, problem, answer (integer)}")
     ap.add_argument("--teacher", required=True,
                     help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
     ap.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
     ap.add_argument("--out", required=True,
                     help="accepted traces JSONL; also writes <out>.rejected.jsonl, .errors.jsonl and .run.json")
-    ap.add_argument("--samples-per-problem", type=int, default=1, help="answers asked per problem (default 1)")
-    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoint)")
-    ap.add_argument("--max-tokens", type=int, default=32768, help="completion limit per answer, reasoning included")
-    ap.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (ignored by o-series)")
-    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (ignored by o-series)")
+    ap.add_argument("--samples-per-problem", type=model.number(1), default=1,
+                    help="answers asked per problem (default 1)")
+    ap.add_argument("--concurrency", type=model.number(1), default=8, help="requests in flight (endpoint)")
+    ap.add_argument("--max-tokens", type=model.number(1), default=32768,
+                    help="completion limit per answer, reasoning included")
+    ap.add_argument("--temperature", type=model.number(0, kind=float), default=0.6,
+                    help="0 is greedy (ignored by o-series)")
+    ap.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=0.95,
+                    help="nucleus mass (ignored by o-series)")
     ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
                     help="evaluation sets: a problem sharing a word 8-gram with one of theirs is not sent "
                     "(see --min-overlap)")
-    ap.add_argument("--min-overlap", type=float, default=MIN_OVERLAP, help="contamination: shared 8-grams must "
-                    "cover more than this fraction of the shorter problem's 8-grams (default 0: any shared 8-gram)")
-    ap.add_argument("--max-total-tokens", type=int, help="stop sending once the saved answers hold this many "
-                    "completion tokens (all runs on this --out together); answers in flight are still saved")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
+    ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP,
+                    help="contamination: shared 8-grams must cover more than this fraction of the shorter "
+                    "problem's 8-grams (default 0: any shared 8-gram)")
+    ap.add_argument("--max-total-tokens", type=model.number(1),
+                    help="stop sending once the saved answers hold this many completion tokens (all runs on "
+                    "this --out together); answers in flight are still saved")
+    ap.add_argument("--api-key-env", help="environment variable that holds the API key (default: OPENAI_API_KEY "
+                    "if it is set, else no key)")
     ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
     ap.add_argument("--raw-prompt", action="store_true", help="local teacher: send the user turn as plain text, "
                     "no chat template (base models; an endpoint always gets a chat message)")
@@ -336,11 +347,12 @@ def build_parser():
                     help="base seed: sample k of a problem is sent a seed hashed from (seed, problem, k)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local teacher")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local teacher")
-    ap.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local teacher)")
+    ap.add_argument("--batch-size", type=model.number(1), default=64, help="rows decoded together (local teacher)")
     ap.add_argument("--compile", action="store_true", help="local teacher: torch.compile the decode step "
                     "(CUDA graphs on GPU; see sample.py)")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per request: long enough for the "
-                    "slowest real answer, since a timed-out request is paid for and asked again (default 1800)")
+    ap.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=1800.0,
+                    help="seconds per request: long enough for the slowest real answer, since a timed-out "
+                    "request is paid for and asked again (default 1800)")
     return ap
 
 
@@ -384,12 +396,14 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
     new = Counter()
     restore = on_signals(stop) if endpoint else (lambda: None)
     requests = requests_for(todo, args, stop)
-    kw = {"errors": "yield"} if endpoint else {}     # one failed request must not lose the others in flight
     bar = tqdm(total=totals["planned"], initial=totals["done"], unit="answer", desc="distill")
     try:
-        # a local sampler takes them all at once (it batches them), so it gets a list
-        for i, c in sampler.generate(requests if endpoint else list(requests), params, **kw):
+        # a local sampler takes them all at once (it batches them), so it gets a list; errors="yield":
+        # one failed request must not lose the others in flight
+        for i, c in sampler.generate(requests if endpoint else list(requests), params, errors="yield"):
             p, k = todo[i]
+            if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
+                c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
             if isinstance(c, EndpointError):
                 writers["errors"].write({"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
                                          "status": c.status, "attempts": c.attempts, "error": scrub(str(c), args),
@@ -419,7 +433,7 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
 
 def scrub(text, args):
     """sample.py already keeps the key out of its errors; this makes sure for anything we write."""
-    key = os.environ.get(args.api_key_env)
+    key = os.environ.get(args.api_key_env or "OPENAI_API_KEY")
     return text.replace(key, "[api key]") if key else text
 
 
@@ -468,15 +482,17 @@ def main(argv=None):
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
     if not endpoint and not Path(args.teacher).is_dir():
         ap.error(f"--teacher {args.teacher!r} is neither an http(s):// URL nor a model folder")
-    if args.samples_per_problem < 1 or args.max_tokens < 1 or args.concurrency < 1 or args.temperature < 0 \
-            or not 0 < args.top_p <= 1:
-        ap.error("need --samples-per-problem, --max-tokens, --concurrency >= 1, --temperature >= 0, 0 < --top-p <= 1")
     if args.raw_prompt and args.system:
         ap.error("--system needs the chat template: not with --raw-prompt")
-    try:
+    with model.output_lock(args.out):
+        return run(args)
+
+
+def run(args):
+    """main() once --out is ours alone."""
+    endpoint = is_endpoint(args.teacher)
+    with model.user_errors(args.problems):
         problems = load_problems(args.problems)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"distill.py: {e}")
     references = load_references(args.decontaminate) if args.decontaminate else None
     keep, duplicates, contaminated = screen(problems, references, args.min_overlap)
     if not args.keep_all:
@@ -484,11 +500,11 @@ def main(argv=None):
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
 
     files = paths(Path(args.out))
-    files["out"].parent.mkdir(parents=True, exist_ok=True)
+    model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
+    config = run_config(args)
+    previous = check_config(files, config)
     records = read_all([files["out"], files["rejected"]])
     read_all([files["errors"]])                        # only to cut a torn line before appending to it
-    config = run_config(args)
-    previous = check_config(files["run"], config, bool(records))
     done = {r["id"] for r in records if is_done(r, args.max_tokens)}
     todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
     before = counts(records, planned)
@@ -500,12 +516,13 @@ def main(argv=None):
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     sampler = None
     if todo:                                           # a local teacher takes a while to load: only if needed
-        sampler = sample.make_sampler(model=None if endpoint else args.teacher,
-                                      base_url=args.teacher if endpoint else None, api_model=args.api_model,
-                                      device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                      concurrency=args.concurrency,
-                                      api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile,
-                                      chat_template_kwargs=args.chat_template_kwargs)
+        with model.user_errors():
+            sampler = sample.make_sampler(model=None if endpoint else args.teacher,
+                                          base_url=args.teacher if endpoint else None, api_model=args.api_model,
+                                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                          concurrency=args.concurrency,
+                                          api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile,
+                                          chat_template_kwargs=args.chat_template_kwargs)
     summary = {"config": config, "samples_per_problem": args.samples_per_problem,
                "max_tokens": args.max_tokens, "max_total_tokens": args.max_total_tokens,
                "teacher": sampler.describe() if sampler else previous.get("teacher"),
@@ -522,10 +539,8 @@ def main(argv=None):
     new, stopped = Counter(), ("budget" if spent else None)
     if todo:
         totals = {**before, "planned": len(planned), "done": len(planned) - len(todo)}
-        try:
+        with model.user_errors():                   # e.g. a folder without a chat template: one line
             new, stopped = distill(sampler, todo, params, args, files, totals, budget_left)
-        except ValueError as e:                     # e.g. a prompt longer than a local teacher's context
-            raise SystemExit(f"distill.py: {e} (the answers saved so far are kept)")
 
     records = read_all([files["out"], files["rejected"]])
     done = {r["id"] for r in records if is_done(r, args.max_tokens)}
@@ -543,6 +558,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    summary = main()
+    summary = model.cli(main)
     # 0: every planned answer is saved, or the token budget ran out; 1: a rerun has work left
     sys.exit(0 if summary["missing"] == 0 or summary["this_run"]["stopped"] == "budget" else 1)

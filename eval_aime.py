@@ -19,6 +19,7 @@ What it is not: a general math grader. Answers are integers compared by equality
 symbolic equivalence and no "last number in the text" fallback.
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 import model
 import sample
+from model import UserError
 from sample import Request
 
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -234,7 +236,8 @@ def shard_file(out, rank, world):
 
 
 def record_files(out):
-    return [out] + sorted(Path(p) for p in glob.glob(glob.escape(str(out)) + ".shard*of*"))
+    shards = glob.glob(glob.escape(str(out)) + ".shard*of*")
+    return [out] + sorted(Path(p) for p in shards if not p.endswith(".lock"))   # not their output_lock files
 
 
 def read_records(path, repair=False):
@@ -266,25 +269,12 @@ def load_records(out, own=None):
     return done
 
 
-def model_fingerprint(folder):
-    """Changes when the folder is retrained in place: its config.json, run.json and weight file sizes."""
-    if not folder or not Path(folder).is_dir():
-        return None
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).iterdir()):
-        if p.name in ("config.json", "run.json"):
-            h.update(p.name.encode() + p.read_bytes())
-        elif p.suffix == ".safetensors":
-            h.update(f"{p.name}:{p.stat().st_size}".encode())
-    return h.hexdigest()
-
-
 def run_config(args, params):
     """Everything a sample depends on. Not here: --samples, --limit, --shard, batch size, concurrency,
     timeout (they choose which samples to draw or how fast, never what a sample is)."""
     return {"data_sha256": model.sha256_file(args.data),
             "model": str(Path(args.model).resolve()) if args.model else None,
-            "model_fingerprint": model_fingerprint(args.model),
+            "model_fingerprint": model.folder_fingerprint(args.model),
             "base_url": args.base_url, "api_model": args.api_model,
             "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
             **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype,
@@ -293,20 +283,20 @@ def run_config(args, params):
 
 
 def check_config(out, config):
-    """Store the configuration next to a new --out; refuse to mix samples from a different one."""
+    """Refuse to mix samples from a different configuration, or to touch a file that is not ours (no
+    sidecar). True when --out is new: its sidecar is written once the sampler is up, so that a
+    mistyped --model or a missing GPU never blocks this --out."""
     path = sidecar(out, "config")
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+        diff = model.changes(json.loads(path.read_text()), config)
         if diff:
-            changes = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise SystemExit(f"eval_aime.py: {out} holds samples from a different configuration ({changes}). "
-                             f"Use another --out, or delete {out}* to start over.")
-    elif any(p.exists() for p in record_files(out)):
-        raise SystemExit(f"eval_aime.py: {out} exists but {path} does not: cannot tell how those samples "
-                         f"were made. Use another --out, or delete {out}.")
-    else:
-        model.write_json_atomic(path, config)
+            raise UserError(f"{out} holds samples from a different configuration ({diff}). "
+                            f"Use another --out, or delete {out}* to start over.")
+        return False
+    if any(p.exists() for p in record_files(out)):
+        raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
+                        f"Use another --out, or delete {out}.")
+    return True
 
 
 def merge(out, done, problems):
@@ -324,6 +314,7 @@ def merge(out, done, problems):
     os.replace(tmp, out)
     for p in record_files(out)[1:]:
         p.unlink(missing_ok=True)             # another shard may be merging the same records
+        Path(f"{p}.lock").unlink(missing_ok=True)   # every shard is done: nobody needs its lock any more
 
 
 # ---- sampling ----
@@ -339,14 +330,18 @@ def draw(sampler, todo, params, args, path, done, bar):
     kill loses only the samples in flight. (No fsync: a killed process's writes survive in the page cache.)"""
     requests = [make_request(p, k, args.seed, args.raw_prompt) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
-    # keep going, fail at the end. A rerun retries just the failed ones.
-    kw = {"errors": "yield"} if isinstance(sampler, sample.EndpointSampler) else {}
-    start, tokens, failed = time.time(), 0, []
+    # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
+    # local model's context is recorded as a sample without an answer.
+    kw = {"errors": "yield"} if isinstance(sampler, (sample.EndpointSampler, sample.LocalSampler)) else {}
+    start, tokens, failed, skipped = time.time(), 0, [], 0
     f = open(path, "a", encoding="utf-8") if path else None
     try:
         for i, c in sampler.generate(requests, params, **kw) if requests else ():
             p, k = todo[i]
-            if isinstance(c, Exception):
+            if isinstance(c, sample.PromptTooLong):
+                skipped += 1
+                c = sample.Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
+            elif isinstance(c, Exception):
                 failed.append(f"{p['id']} sample {k}: {c}")
                 continue
             extracted = extract_answer(c.text)
@@ -363,6 +358,9 @@ def draw(sampler, todo, params, args, path, done, bar):
     finally:
         if f:
             f.close()
+    if skipped:
+        print(f"eval_aime.py: {skipped} samples skipped: the prompt does not fit the model's context "
+              "(recorded with finish_reason prompt_too_long, scored as wrong)", file=sys.stderr)
     if failed:
         saved = f"; the other samples are in {path}: rerun the same command to resume" if path else ""
         raise SystemExit(f"eval_aime.py: {len(failed)} requests failed, first: {failed[0]}{saved}")
@@ -378,7 +376,7 @@ def shard_of(arg):
     if arg:
         m = re.fullmatch(r"(\d+)/(\d+)", arg)
         if not m or not int(m.group(1)) < int(m.group(2)):
-            raise SystemExit(f"eval_aime.py: --shard wants i/N with 0 <= i < N, got {arg!r}")
+            raise UserError(f"--shard wants i/N with 0 <= i < N, got {arg!r}")
         return int(m.group(1)), int(m.group(2)), False
     world = int(os.environ.get("WORLD_SIZE", 1))
     return (int(os.environ.get("RANK", 0)), world, True) if world > 1 else (0, 1, False)
@@ -415,13 +413,13 @@ def report(metrics, per_problem, stats, args):
 # ---- main ----
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 conflict_handler="resolve")      # lets --seed below replace the shared one
+    ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              conflict_handler="resolve")      # lets --seed below replace the shared one
     ap.add_argument("--data", required=True, help="problems JSONL: {id, problem, answer}")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
-    ap.add_argument("--samples", type=int, default=4, help="samples per problem, K (default 4)")
+    ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
-    ap.add_argument("--limit", type=int, help="score only the first N problems")
+    ap.add_argument("--limit", type=model.number(1), help="score only the first N problems")
     ap.add_argument("--out", help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
     # the flags every sampling script shares, with the DeepSeek-R1 protocol as defaults
@@ -464,35 +462,42 @@ def main(argv=None, sampler=None):
     args = ap.parse_args(argv)
     if sampler is None and not args.model and not (args.base_url and args.api_model):
         ap.error("give --model DIR, or --base-url URL and --api-model NAME")
-    if args.samples < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        ap.error("need --samples >= 1, --temperature >= 0, 0 < --top-p <= 1")
     if args.temperature == 0 and args.samples > 1 and args.model:
         print("eval_aime.py: --temperature 0 is greedy: a local model gives K identical samples; "
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
-    try:
+    with model.user_errors(args.data):
         every = load_problems(args.data)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"eval_aime.py: {e}")
     problems = every[:args.limit] if args.limit else every
-    rank, world, wait_for_others = shard_of(args.shard)
-    if world > 1 and not args.out:
+    shard = shard_of(args.shard)
+    if shard[1] > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
     out = Path(args.out) if args.out else None
+    own = shard_file(out, *shard[:2]) if out else None
+    with model.output_lock(own) if out else contextlib.nullcontext():
+        return score(args, every, problems, out, own, shard, sampler)
+
+
+def score(args, every, problems, out, own, shard, sampler):
+    """main() once --out is ours alone: resume, sample what is missing, merge, summarize."""
+    rank, world, wait_for_others = shard
     params = sample.sampling_params(args)
     config = run_config(args, params)
-    own = shard_file(out, rank, world) if out else None
-    done = {}
+    done, new = {}, False
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        check_config(out, config)
-        try:
+        if world == 1:
+            model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
+                                                 for s in ("", ".config.json", ".summary.json")))
+        new = check_config(out, config)
+        with model.user_errors():
             done = load_records(out, own)
-        except ValueError as e:
-            raise SystemExit(f"eval_aime.py: {e}")
     mine = problems[rank::world]
     todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
-    sampler = sampler or build_sampler(args, world)
+    if sampler is None:
+        with model.user_errors():
+            sampler = build_sampler(args, world)
+    if new:
+        model.write_json_atomic(sidecar(out, "config"), config)
     total = len(mine) * args.samples
     desc = "eval" if world == 1 else f"eval shard {rank}/{world}"
     with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
@@ -521,4 +526,4 @@ def main(argv=None, sampler=None):
 
 
 if __name__ == "__main__":
-    main()
+    model.cli(main)

@@ -3,6 +3,9 @@
     python loop.py                    # ~10 minutes on 2 CPU cores; everything lands in runs/loop/
     python loop.py --out runs/try2 --train 96 --samples-per-problem 8 --epochs 2
 
+Rerunning the same command resumes: every step picks up what is already in --out (a finished step
+costs seconds). A rerun with other settings is refused by the first step they change, which says so.
+
 1. makes a seeded problem set with integer answers (arithmetic and counting word problems), split
    into train and held-out,
 2. distills chains from a teacher with `distill.py`, several samples per problem, keeping only chains
@@ -20,13 +23,14 @@ manifest, so the final summary points back through the checkpoint and the traces
 What it is not: a reproduction of the paper's numbers. That needs a 7B+ base, a strong teacher and a
 GPU: see README.md, "Recipes".
 """
-import argparse
 import json
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from model import ArgumentParser, UserError, cli, number
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -82,6 +86,9 @@ def run(cmd, log):
         f.write(proc.stdout)
     tail = proc.stdout.strip().splitlines()[-12:]
     print("\n".join("    " + line for line in tail))
+    if proc.returncode == 2:  # the step's own one-line reason is the last line above
+        raise UserError(f"{cmd[1]} refused (its reason is printed above; all output in {log}). "
+                        "To start over with other settings, use another --out or delete this one")
     if proc.returncode != 0:
         sys.exit(f"step failed (exit {proc.returncode}): see {log}")
     return time.perf_counter() - started
@@ -96,20 +103,20 @@ def score(model, data, out, args, log, greedy):
     return json.loads(Path(f"{out}.summary.json").read_text())
 
 
-def main():
-    p = argparse.ArgumentParser(description="distill -> SFT -> score, offline, on the embedded default model")
+def main(argv=None):
+    p = ArgumentParser(description="distill -> SFT -> score, offline, on the embedded default model")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="student (and teacher) model folder")
     p.add_argument("--out", default=str(REPO / "runs" / "loop"), help="folder for every artifact")
-    p.add_argument("--train", type=int, default=40, help="training problems")
-    p.add_argument("--heldout", type=int, default=20, help="held-out problems")
-    p.add_argument("--samples-per-problem", type=int, default=4, help="teacher samples per training problem")
-    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (teacher and eval)")
-    p.add_argument("--eval-samples", type=int, default=4, help="K for sampled scoring")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--train", type=number(1), default=40, help="training problems")
+    p.add_argument("--heldout", type=number(1), default=20, help="held-out problems")
+    p.add_argument("--samples-per-problem", type=number(1), default=4, help="teacher samples per training problem")
+    p.add_argument("--max-tokens", type=number(1), default=128, help="new tokens per answer (teacher and eval)")
+    p.add_argument("--eval-samples", type=number(1), default=4, help="K for sampled scoring")
+    p.add_argument("--epochs", type=number(1), default=2)
+    p.add_argument("--lr", type=number(0, kind=float, above=True), default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out, started = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "loop.log"
@@ -127,15 +134,17 @@ def main():
     run([sys.executable, "distill.py", "--problems", train, "--teacher", args.model, "--out", traces,
          "--samples-per-problem", args.samples_per_problem, "--max-tokens", args.max_tokens, "--temperature", "0.8",
          "--top-p", "0.95", "--seed", args.seed, "--device", args.device, "--plain-ok", "--system", TEACHER_SYSTEM], log)
-    n_traces = sum(1 for line in traces.read_text().splitlines() if line.strip())
+    n_traces = sum(1 for line in traces.read_text().splitlines() if line.strip()) if traces.exists() else 0
     print(f"2. distill: {n_traces} correct chains kept in {traces.name}")
     if n_traces == 0:
-        sys.exit("the teacher solved no training problem: nothing to fine-tune on (try --samples-per-problem 8)")
+        raise UserError("the teacher solved no training problem: nothing to fine-tune on "
+                        "(try another --out with --samples-per-problem 8)")
 
     # 3. fine-tune the student
-    student = out / "sft"
+    student = out / "sft"   # --resume: a rerun continues a killed run, and a finished one is left as it is
     run([sys.executable, "sft.py", "--data", traces, "--model", args.model, "--out", student, "--epochs", args.epochs,
-         "--lr", args.lr, "--seed", args.seed, "--device", args.device, "--max-len", 1024, "--warmup-steps", 2], log)
+         "--lr", args.lr, "--seed", args.seed, "--device", args.device, "--max-len", 1024, "--warmup-steps", 2,
+         "--resume"], log)
 
     # 4. score before and after, greedy and sampled, on the held-out split
     results = {}
@@ -166,4 +175,4 @@ def report(results, args, seconds, out):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,6 +11,8 @@ What it is not: a framework. One model file, no q/k permutations (HF's rotate-ha
 pickle, no exec'd configs. Attention, RMSNorm and the loss go through `kernels`, which picks Triton
 or the PyTorch reference; this file never imports triton.
 """
+import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -322,7 +325,7 @@ def pick_device(device="auto"):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        raise UserError("--device cuda: torch sees no CUDA device")
     return device
 
 
@@ -424,7 +427,8 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     problems += [f"missing tensor {k!r}" for k in missing]
     if problems:
-        raise ValueError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{folder}: checkpoint does not match config.json: " + "; ".join(problems[:5])
+                         + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     if quant:  # e.g. a bitsandbytes or GGUF model saved after dequantizing: the floats are the model
         print(f"{folder}/config.json: note: quantization_config ({quant}) over floating-point weights: "
               "loading them as they are", file=sys.stderr)
@@ -690,6 +694,127 @@ def run_manifest(args, inputs=(), model_dir=None):
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# ----------------------------------------------------------------------------- the scripts' conventions
+# Every script: an expected error (bad input, flag, missing file or device, refused resume) is one line
+# on stderr and exit 2; Ctrl-C is exit 130; neither shows a traceback; anything else keeps its own.
+# An output has one writer at a time, and a script only ever repairs, truncates or deletes files it
+# recognises as its own.
+
+class UserError(SystemExit):
+    """An expected error, said in one line. A SystemExit, so that code calling a script's main()
+    directly (tests, loop.py) stops the same way; cli() prints it and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UserError(f"{message} (see --help)")
+
+
+def number(lo, hi=None, kind=int, above=False):
+    """An argparse type: a finite `kind` >= lo (> lo with `above`) and <= hi; the error states the range."""
+    rule = (f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}")
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            x = None
+        if x is None or not math.isfinite(x) or x < lo or (above and x == lo) or (hi is not None and x > hi):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}")
+        return x
+    return parse
+
+
+def cli(main):
+    """Run a script's main() under the convention above; returns what main returns."""
+    name = Path(sys.argv[0]).name
+    try:
+        return main()
+    except UserError as e:
+        message = e.code
+    except OSError as e:  # a file that is missing, unreadable or unwritable; a full disk
+        message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(f"{name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@contextmanager
+def user_errors(path=None):
+    """ValueError and OSError raised inside become one UserError line naming `path`: for code that
+    reads the user's inputs (a model folder, a data file), where they are the input's fault."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except (OSError, ValueError) as e:
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        raise UserError(message if path is None or str(path) in message else f"{path}: {message}") from None
+
+
+@contextmanager
+def output_lock(path, folder=False):
+    """Hold an exclusive lock on an output for the length of a run: a second writer is refused at once.
+    A folder is locked itself (made if missing); a file through `<path>.lock`, which stays (deleting a
+    lock file races with the next writer). An output that cannot be written is refused before any work."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise UserError(f"--out {path} is a folder: give a file name")
+    (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UserError(f"--out {path}: not writable")
+    target = path if folder else Path(f"{path}.lock")
+    fd = os.open(target, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--out {path} is being written by another run (it holds the lock on {target}): "
+                        "wait for it to finish, or use another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder, *patterns):
+    """Delete what a killed run left in `folder`: temporary files and folders matching `patterns`,
+    names only our own writers use. Called while holding the output's lock, so nobody is writing them."""
+    for pattern in patterns:
+        for p in Path(folder).glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def changes(old, new):
+    """'key: old -> new; ...' over the keys whose values differ ('' if none): what a refused resume names."""
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                     if old.get(k) != new.get(k))
+
+
+def folder_fingerprint(folder):
+    """A cheap fingerprint of a model folder's content, which a retrain, a rewrite in place or a plain
+    copy (new modification times) changes: the small files (config, tokenizer, chat template) by
+    content; each safetensors file by size, modification time and header (names, dtypes, shapes,
+    offsets). None for no folder."""
+    if not folder or not Path(folder).is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).iterdir()):
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = f.read(min(n, 100 << 20))
+            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}:".encode() + header)
+        elif p.name in ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
 
 
 if __name__ == "__main__":  # a smoke test: greedy continuation of a prompt, no cache

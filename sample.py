@@ -12,9 +12,11 @@ import http.client
 import json
 import os
 import random
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from model import KVCache, json_object
+import model
+from model import KVCache, UserError, json_object
 
 
 @dataclass
@@ -58,6 +61,11 @@ class Completion:
 
 
 # ---- Local model: prefill, decode one token, decode many ----
+
+class PromptTooLong(ValueError):
+    """A prompt that fills the model's context. generate(errors="yield") yields it for that request
+    alone, so that eval_aime.py and distill.py record the request as skipped and carry on."""
+
 
 def sample_token(logits, params, generators):
     """logits (B, V) fp32 -> next token ids (B,). temperature 0 is argmax. Otherwise an exact draw
@@ -150,23 +158,34 @@ class LocalSampler:
             raise ValueError("empty prompt")
         limit = self.model.config.max_position_embeddings
         if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+            raise PromptTooLong(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids, opened
 
     @torch.no_grad()
-    def generate(self, requests, params, on_token=None):
-        """Yield (index, Completion) as each request finishes. on_token(index, token_id) streams."""
-        prompts, opened = zip(*map(self.prompt, requests)) if requests else ((), ())
+    def generate(self, requests, params, on_token=None, errors="raise"):
+        """Yield (index, Completion) as each request finishes. on_token(index, token_id) streams.
+        With errors="yield", a prompt too long for the context yields (index, PromptTooLong) instead."""
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
+        prompts, opened = {}, {}
+        for i, r in enumerate(requests):
+            try:
+                prompts[i], opened[i] = self.prompt(r)
+            except PromptTooLong as e:
+                if errors == "raise":
+                    raise
+                yield i, e
+        if not prompts:
+            return
         limit = self.model.config.max_position_embeddings
-        max_len = min(limit, max(map(len, prompts)) + params.max_new_tokens)
+        max_len = min(limit, max(map(len, prompts.values())) + params.max_new_tokens)
         groups = {}  # identical prompts prefill once
-        for i, p in enumerate(prompts):
+        for i, p in prompts.items():
             groups.setdefault(tuple(p), []).append(i)
         waiting = list(groups.items())
-        B = min(self.batch_size, len(requests))
+        B = min(self.batch_size, len(prompts))
         cache = self.cache(B, max_len)
+        B = cache.batch_size  # fewer rows when memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         started, total = time.perf_counter(), 0
         while waiting or rows:
@@ -224,9 +243,11 @@ class LocalSampler:
         """A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
         buffer address would mean a new graph. Its length is rounded up to a power of two so that
         calls of similar length share one graph (stale entries past a row's position are masked)."""
+        if self.compile:
+            max_len = min(self.model.config.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
+        B = self.rows_that_fit(B, max_len)
         if not self.compile:
             return KVCache(self.model.config, B, max_len, self.device, self.dtype)
-        max_len = min(self.model.config.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
         c = self.static_cache
         if c is None or c.batch_size != B or c.max_len < max_len:
             c = self.static_cache = None  # free the old one first
@@ -234,6 +255,25 @@ class LocalSampler:
             for buf in c.k + c.v:
                 torch._dynamo.mark_static_address(buf)
         return c
+
+    def rows_that_fit(self, B, max_len):
+        """At most B rows, as many as a cache of max_len positions per row fits in 80% of the free
+        memory. The cache is allocated whole, up front: 64 samples of SmolLM2-135M at its 8,192-token
+        context take 24 GB. Fewer rows at a time give the same completions (each row has its own seed),
+        only later; say so, and refuse when not even one row fits."""
+        c = self.model.config
+        per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim * self.dtype.itemsize
+        free = free_memory(self.device)
+        if self.static_cache is not None:  # about to be replaced: its memory counts as free
+            free += sum(b.numel() * b.element_size() for b in self.static_cache.k + self.static_cache.v)
+        fit = min(B, int(0.8 * free // per_row))
+        if fit < 1:
+            raise UserError(f"a KV cache of {max_len} positions takes {per_row / 1e9:.2f} GB per sample and "
+                            f"{free / 1e9:.2f} GB are free: lower --max-new-tokens")
+        if fit < B:
+            print(f"sample.py: a KV cache of {B} rows x {max_len} positions would take {B * per_row / 1e9:.1f} GB, "
+                  f"{free / 1e9:.1f} GB are free: decoding {fit} rows at a time", file=sys.stderr)
+        return fit
 
     def prefill(self, prompt, cache, slot, n):
         """Run the prompt once into a scratch cache, copy it to rows slot..slot+n-1. -> logits (V,)"""
@@ -267,6 +307,17 @@ class LocalSampler:
         ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
         return Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
                           token_ids=row.tokens, opened=row.opened)
+
+
+def free_memory(device):
+    """Bytes that may still be allocated on the device (CPU: the kernel's MemAvailable)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return float("inf")  # not Linux: no way to tell, no cap
 
 
 ANSWER_CUE = "Final Answer: "  # what budget forcing appends after "</think>" (s1 uses the same cue)
@@ -471,32 +522,55 @@ def _retry_after(headers):
 # ---- One interface, and the command line ----
 
 def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype="auto", batch_size=64,
-                 concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0, compile=False, chat_template_kwargs=None):
-    """A LocalSampler for a model folder, or an EndpointSampler for an OpenAI-compatible URL."""
+                 concurrency=8, api_key_env=None, timeout=600.0, compile=False, chat_template_kwargs=None):
+    """A LocalSampler for a model folder, or an EndpointSampler for an OpenAI-compatible URL. A key
+    variable that is named but unset, or an endpoint nobody answers at, is refused here, at once,
+    rather than after minutes of retries. api_key_env None: $OPENAI_API_KEY if set, else no key."""
     if (model is None) == (base_url is None):
         raise ValueError("give exactly one of a model folder (--model) or an endpoint (--base-url)")
     if base_url is not None:
         if not api_model:
             raise ValueError("--base-url needs --api-model (the model name the server expects)")
-        return EndpointSampler(base_url, api_model, concurrency=concurrency, api_key_env=api_key_env, timeout=timeout,
-                               chat_template_kwargs=chat_template_kwargs)
+        if api_key_env is not None and not os.environ.get(api_key_env):
+            raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        check_reachable(base_url)
+        return EndpointSampler(base_url, api_model, concurrency=concurrency, timeout=timeout,
+                               api_key_env=api_key_env or "OPENAI_API_KEY", chat_template_kwargs=chat_template_kwargs)
     return LocalSampler(model, device=device, dtype=dtype, batch_size=batch_size, compile=compile,
                         chat_template_kwargs=chat_template_kwargs)
 
 
+def check_reachable(base_url, timeout=10):
+    """Connect once to the endpoint's host (or to the proxy urllib would use for it)."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UserError(f"{base_url}: not an http(s):// URL")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
+    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"{base_url}: cannot connect to {address[0]}:{address[1]} "
+                        f"({e.strerror or type(e).__name__}): is the server up?") from None
+
+
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
     """The flags every script that samples shares (sample.py, eval_aime.py, distill.py)."""
-    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="completion length limit")
-    p.add_argument("--max-think-tokens", type=int, help="force '</think>' + an answer cue after N thinking tokens")
-    p.add_argument("--min-think-tokens", type=int, help="replace an earlier '</think>' with 'Wait'")
+    p.add_argument("--temperature", type=model.number(0, kind=float), default=temperature, help="0 means greedy")
+    p.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=top_p, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=model.number(0), default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=model.number(0, 1, float), default=0.0,
+                   help="drop tokens below min_p x the top probability")
+    p.add_argument("--max-new-tokens", type=model.number(1), default=max_new_tokens, help="completion length limit")
+    p.add_argument("--max-think-tokens", type=model.number(0),
+                   help="force '</think>' + an answer cue after N thinking tokens")
+    p.add_argument("--min-think-tokens", type=model.number(0), help="replace an earlier '</think>' with 'Wait'")
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (local models)")
+    p.add_argument("--batch-size", type=model.number(1), default=64, help="rows decoded together (local models; "
+                   "fewer when their KV cache would not fit in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
                    "shapes, replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
     p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
@@ -504,9 +578,11 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
                    "as chat_template_kwargs (vLLM, SGLang)")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-model", help="model name at the endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (endpoints)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (endpoints)")
+    p.add_argument("--api-key-env", help="environment variable holding the API key (default: OPENAI_API_KEY "
+                   "if it is set, else no key)")
+    p.add_argument("--concurrency", type=model.number(1), default=8, help="requests in flight (endpoints)")
+    p.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=600.0,
+                   help="seconds per request (endpoints)")
 
 
 def sampling_params(args):
@@ -516,12 +592,11 @@ def sampling_params(args):
 
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Sample completions from a model folder or an OpenAI-compatible endpoint.")
+    p = model.ArgumentParser(description="Sample completions from a model folder or an OpenAI-compatible endpoint.")
     p.add_argument("--model", help="model folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt")
+    p.add_argument("--num-samples", type=model.number(1), default=1, help="completions of the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     add_sampling_args(p)
     args = p.parse_args(argv)
@@ -529,11 +604,9 @@ def main(argv=None):
         p.error("--prompt is empty")
     if args.model is None and args.base_url is None:
         p.error("give --model DIR or --base-url URL --api-model NAME")
-    try:
+    with model.user_errors():
         sampler = make_sampler(args.model, args.base_url, args.api_model, args.device, args.dtype, args.batch_size,
                                args.concurrency, args.api_key_env, args.timeout, args.compile, args.chat_template_kwargs)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
     chat = args.chat or args.base_url is not None
     requests = [Request(messages=[{"role": "user", "content": args.prompt}] if chat else None,
                         prompt=None if chat else args.prompt, seed=args.seed + j) for j in range(args.num_samples)]
@@ -561,10 +634,10 @@ def main(argv=None):
             else:
                 print(f"--- completion {i} ({c.num_tokens} tokens, {c.finish_reason})\n{c.text}")
     except (ValueError, EndpointError) as e:
-        sys.exit(f"error: {e}")
+        raise UserError(str(e)) from None
     seconds = time.perf_counter() - started
     print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    model.cli(main)

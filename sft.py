@@ -30,10 +30,13 @@ tokenizer files, run.json, metrics.jsonl) that model.load_model and transformers
 DIR/step-<N>/ are checkpoints: the same HF files plus trainer_state.pt (optimizer state gathered in
 full, so a run may resume on a different number of processes, plus step, RNG states and the settings
 that fix the data order); a checkpoint counts once trainer_state.pt exists (written last, atomically).
+--resume continues from the newest checkpoint, leaves a finished run as it is, and refuses settings,
+data or starting weights that differ from the run's (run.json's "fingerprint" names them).
 
 What it is not: a trainer framework. No LoRA, no sequence parallelism, no tensor parallelism.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -52,8 +55,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import kernels
-from model import Transformer, Tokenizer, load_model, pick_device, pick_dtype, run_manifest, save_model, sha256_file
-from model import json_object, write_json_atomic
+from model import (ArgumentParser, Config, Transformer, Tokenizer, UserError, changes, cli, folder_fingerprint,
+                   json_object, load_model, number, output_lock, pick_device, pick_dtype, remove_leftovers,
+                   run_manifest, save_model, sha256_file, user_errors, write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -75,26 +79,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
+                       formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
                    "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
     p.add_argument("--out", default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
                    "checkpoints and metrics.jsonl")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the data (ignored with --max-steps)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides --epochs; "
+    p.add_argument("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
+    p.add_argument("--max-steps", type=number(1), default=None, help="optimizer steps to run (overrides --epochs; "
                    "the data is reshuffled each time it runs out)")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (overrides --warmup-ratio)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of all steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decay ends at lr * this")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on matrices only")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per micro-batch (default: --max-len)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step, counted over "
+    p.add_argument("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=number(0), default=None,
+                   help="linear warmup steps (overrides --warmup-ratio)")
+    p.add_argument("--warmup-ratio", type=number(0, 1, float), default=0.05, help="warmup as a fraction of all steps")
+    p.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.0, help="cosine decay ends at lr * this")
+    p.add_argument("--weight-decay", type=number(0, kind=float), default=0.0,
+                   help="AdamW weight decay, on matrices only")
+    p.add_argument("--grad-clip", type=number(0, kind=float), default=1.0,
+                   help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--batch-tokens", type=number(1), default=None, help="tokens per micro-batch (default: --max-len)")
+    p.add_argument("--grad-accum", type=number(1), default=None, help="micro-batches per optimizer step, counted over "
                    "all processes (default: one per process); must be a multiple of the number of processes")
-    p.add_argument("--max-len", type=int, default=None, help="longest row in tokens; longer rows are dropped "
+    p.add_argument("--max-len", type=number(1), default=None, help="longest row in tokens; longer rows are dropped "
                    "(default: the model's max_position_embeddings)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several rows into one micro-batch (padding-free, attention per document); "
@@ -103,9 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
                    help="keywords for the model's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (same formats) for eval_loss")
-    p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (0: only before and after)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
-    p.add_argument("--keep-last", type=int, default=2, help="keep the newest N checkpoints (0: keep all)")
+    p.add_argument("--eval-every", type=number(0), default=0, help="eval every N steps (0: only before and after)")
+    p.add_argument("--save-every", type=number(0), default=500,
+                   help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--keep-last", type=number(0), default=2, help="keep the newest N checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward "
                    "(activation memory of one block instead of all)")
@@ -116,12 +124,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (autocast); weights and optimizer state stay float32. "
                         "auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk of the loss (default: about "
+    p.add_argument("--chunk-size", type=number(1), default=None, help="rows per chunk of the loss (default: about "
                    "vocab / hidden chunks, so a chunk of logits is as big as the hidden states)")
-    args = p.parse_args(argv)
-    if args.max_steps is not None and args.max_steps < 1 or args.epochs < 1:
-        p.error("--max-steps and --epochs must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -476,23 +481,23 @@ def export_final(lm, out, args, manifest, procs):
         dist.barrier()
 
 
-def run_fingerprint(args, data_sha):
-    """What fixes the sequence of batches and learning rates: a resume must match it."""
+def run_fingerprint(args, dtype):
+    """Everything that changes the result: data, starting weights (folder_fingerprint), settings. A
+    resume must match it. Not here: speed settings (--grad-checkpointing, --compile, --eval-every,
+    --save-every, --keep-last) and the number of processes (though the default --grad-accum is)."""
     keys = ("seed", "epochs", "max_steps", "max_len", "batch_tokens", "grad_accum", "pack", "lr", "warmup_steps",
-            "warmup_ratio", "min_lr_ratio")
-    return {"data_sha256": data_sha, **{k: getattr(args, k) for k in keys},
+            "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "chunk_size", "skip_bad")
+    return {"data_sha256": sha256_file(args.data), "eval_data_sha256": args.eval_data and sha256_file(args.eval_data),
+            "model_fingerprint": folder_fingerprint(args.model), "dtype": str(dtype).removeprefix("torch."),
+            **{k: getattr(args, k) for k in keys},
             # it changes the tokens; only when given, so that older checkpoints still resume
             **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
 
 
-def restore(ckpt, optimizer, lm, fingerprint):
+def restore(ckpt, optimizer, lm):
     """Load trainer_state.pt of a checkpoint into the optimizer and the RNGs; returns the state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    differs = [f"{k}: {state['fingerprint'].get(k)!r} then, {v!r} now" for k, v in fingerprint.items()
-               if state["fingerprint"].get(k) != v]
-    if differs:
-        raise ValueError(f"{ckpt}: --resume with settings that change the run:\n  " + "\n  ".join(differs))
     set_optimizer_state_dict(lm, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
@@ -523,40 +528,76 @@ def truncate_metrics(path, step):
 
 # ----------------------------------------------------------------------------- main
 
-def starting_point(args, out, say):
-    """The newest complete checkpoint when resuming, else None; refuses to overwrite a previous run."""
+# what a killed run leaves in --out: temporary folders and files of save_model, save_checkpoint,
+# export_final, truncate_metrics and write_json_atomic (a checkpoint without trainer_state.pt, too)
+LEFTOVERS = (".step-*.tmp-*", ".step-*.old-*", "step-*/.trainer_state.pt.tmp-*", ".final", "..final.*",
+             ".metrics.jsonl.tmp", ".run.json.tmp-*")
+
+
+def claim(out):
+    """Make sure --out is ours before anything in it is changed: new, empty, or made by sft.py (its
+    run.json, written once the model loads, carries the run's fingerprint). Then clear what a killed
+    run of ours left behind."""
+    run = out / "run.json"
+    if any(out.iterdir()) and not (run.exists() and "fingerprint" in json.loads(run.read_text())):
+        raise UserError(f"--out {out} holds files that sft.py did not write (no run.json of an sft.py run): "
+                        "choose another --out")
+    remove_leftovers(out, *LEFTOVERS)
+    for folder in out.glob("step-*"):
+        if folder.is_dir() and not (folder / "trainer_state.pt").exists():
+            shutil.rmtree(folder)
+
+
+def starting_point(args, out, fingerprint, say):
+    """Where the run starts: None (the base model), the newest complete checkpoint (--resume), or
+    "finished" when --resume finds this very run's final model in --out. A run is never mixed with
+    another: without --resume an existing run is refused, and with it any setting that differs."""
     found = checkpoints(out)
-    if args.resume and not found:
+    if not args.resume:
+        if found or (out / "config.json").exists():
+            raise UserError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
+        return None
+    source = out if (out / "config.json").exists() else found[-1] if found else None
+    if source is None:
         say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
-    if not args.resume and (found or (out / "config.json").exists()):
-        raise FileExistsError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
-    return found[-1] if args.resume and found else None
+        return None
+    diff = changes(json.loads((source / "run.json").read_text()).get("fingerprint", {}), fingerprint)
+    if diff:
+        raise UserError(f"--resume: {source} was made with settings that change the result ({diff}). "
+                        "Use the same settings, or another --out")
+    return "finished" if source == out else source
 
 
 def resolve_sizes(args, config, procs):
     """Defaults that depend on the model and the number of processes, and their checks."""
-    args.max_len = args.max_len or config.max_position_embeddings
+    context = config.max_position_embeddings
+    if args.max_len is not None and args.max_len > context:
+        raise UserError(f"--max-len must be in [1, {context}] (the model's context), got {args.max_len}")
+    args.max_len = args.max_len or context
     args.batch_tokens = args.batch_tokens or args.max_len
     args.grad_accum = args.grad_accum or procs.world
     if args.batch_tokens < args.max_len:
-        raise ValueError(f"--batch-tokens {args.batch_tokens} < --max-len {args.max_len}: the longest rows would not fit")
+        raise UserError(f"--batch-tokens {args.batch_tokens} < --max-len {args.max_len}: "
+                        "the longest rows would not fit")
     if args.grad_accum % procs.world:
-        raise ValueError(f"--grad-accum {args.grad_accum} is not a multiple of the {procs.world} processes")
+        raise UserError(f"--grad-accum {args.grad_accum} is not a multiple of the {procs.world} processes")
 
 
 def load_data(args, tok, say):
     """Training examples, and the held-out examples with their micro-batches (or None)."""
-    examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
+    with user_errors(args.data):
+        examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
     say(f"data {args.data}: {counts['rows']} rows, {counts['kept']} kept, {counts['too_long']} longer than "
         f"--max-len {args.max_len} dropped, {counts['bad']} malformed skipped; {counts['tokens']:,} tokens, "
         f"{counts['targets']:,} of them targets")
     if not examples:
-        raise ValueError(f"{args.data}: no usable rows")
+        raise UserError(f"{args.data}: no usable rows")
     held_out = None
     if args.eval_data:
-        rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
+        with user_errors(args.eval_data):
+            rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
         if not rows:
-            raise ValueError(f"{args.eval_data}: no usable rows")
+            raise UserError(f"{args.eval_data}: no usable rows")
         held_out = (rows, pack([len(e.ids) for e in rows], range(len(rows)), args.batch_tokens, args.pack))
         say(f"eval {args.eval_data}: {eval_counts['kept']} of {eval_counts['rows']} rows kept, "
             f"{eval_counts['targets']:,} targets")
@@ -565,17 +606,31 @@ def load_data(args, tok, say):
 
 def main(argv=None):
     args = parse_args(argv)
-    started = time.time()
     procs = setup_processes(args.device)
-    say = print if procs.rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
-    ckpt = starting_point(args, out, say)
+    with output_lock(out, folder=True) if procs.rank == 0 else contextlib.nullcontext():
+        return train(args, procs, out)
+
+
+def train(args, procs, out):
+    """main() once --out is ours alone."""
+    started = time.time()
+    say = print if procs.rank == 0 else (lambda *a, **k: None)
+    if procs.rank == 0:
+        claim(out)
+    dtype = pick_dtype(args.dtype, procs.device.type)
+    with user_errors(args.model):
+        resolve_sizes(args, Config.from_json(Path(args.model) / "config.json"), procs)
+    fingerprint = run_fingerprint(args, dtype)
+    ckpt = starting_point(args, out, fingerprint, say)
+    if ckpt == "finished":
+        say(f"{out} already holds the final model of this run (same settings): nothing to do")
+        return out
 
     # setup
-    dtype = pick_dtype(args.dtype, procs.device.type)
-    tok = Tokenizer(args.model)
-    lm = build_model(ckpt or args.model, args, procs, dtype)
-    resolve_sizes(args, lm.model.config, procs)
+    with user_errors(args.model):
+        tok = Tokenizer(args.model)
+        lm = build_model(ckpt or args.model, args, procs, dtype)
     optimizer = build_optimizer(lm, args, procs.device)
 
     # data
@@ -586,18 +641,18 @@ def main(argv=None):
         f"process(es), {procs.device}, {str(dtype).removeprefix('torch.')} compute")
 
     # where the run stands
-    fingerprint = run_fingerprint(args, sha256_file(args.data))
     manifest = run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
                             inputs=[args.data] + ([args.eval_data] if args.eval_data else []), model_dir=args.model)
+    manifest["fingerprint"] = fingerprint
     start, progress = 0, {"tokens": 0, "train_s": 0.0}
     if ckpt is not None:
-        state = restore(ckpt, optimizer, lm, fingerprint)
+        state = restore(ckpt, optimizer, lm)
         start, progress = state["step"], state["progress"]
         manifest["resumed_from"] = str(ckpt)
         say(f"resumed from {ckpt} at step {start}")
     metrics_path = out / "metrics.jsonl"
     if procs.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "run.json", manifest)  # marks --out as an sft.py output (see claim)
         truncate_metrics(metrics_path, start)
     meter, last_ckpt, loss, eval_loss = Meter(lm, procs), ckpt, None, None
     if held_out and start == 0:
@@ -652,4 +707,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

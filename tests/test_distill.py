@@ -86,8 +86,8 @@ def test_misbehaving_server_every_record_once_errors_filed_key_never_written(tmp
         assert by_pid["wrong"]["flags"] == ["wrong"] and by_pid["wrong"]["extracted"] == 21
         assert [(e["problem_id"], e["status"], e["attempts"]) for e in errors] == [("400", 400, 1)]
         assert summary["failing"] == 1 and summary["counts"]["accepted"] == 7 and summary["counts"]["rejected"] == 3
-        assert summary["counts"]["flags"] == {"contaminated": 0, "truncated": 1, "unclosed_think": 1, "no_thinking": 1,
-                                              "no_answer": 1, "wrong": 1}
+        assert summary["counts"]["flags"] == {"contaminated": 0, "prompt_too_long": 0, "truncated": 1,
+                                              "unclosed_think": 1, "no_thinking": 1, "no_answer": 1, "wrong": 1}
         tried = {user_text(r["body"]).split()[0]: r["attempt"] for r in server.requests}   # last attempt per problem
         assert [tried[f"ANSWER={n}"] for n in (15, 16, 17, 18, 19, 20)] == [2, 2, 2, 2, 2, 1]
         assert all(r["headers"].get("Authorization") == f"Bearer {KEY}" for r in server.requests)

@@ -34,7 +34,7 @@ def test_manifests_link_score_to_checkpoint_to_traces_to_teacher(tmp_path, smoll
     base = make_hf_model(tmp_path / "base", n_head=2, n_kv=1, head_dim=16, tokenizer_from=smollm2)
     student = tmp_path / "sft"
     subprocess.run([sys.executable, str(REPO / "sft.py"), "--data", str(traces), "--model", str(base),
-                    "--out", str(student), "--max-steps", "2", "--device", "cpu", "--max-len", "512"],
+                    "--out", str(student), "--max-steps", "2", "--device", "cpu", "--max-len", "256"],
                    check=True, capture_output=True)
     out = tmp_path / "eval.jsonl"
     eval_aime.main(["--model", str(student), "--data", str(problems), "--out", str(out), "--temperature", "0",

