@@ -1,10 +1,9 @@
 """Distill long chains of thought: problems -> teacher -> graded, decontaminated JSONL traces for sft.py.
 
     # a reasoning model behind any OpenAI-compatible endpoint (key from $OPENAI_API_KEY, or --api-key-env)
-    D=../shared/data
-    python distill.py --problems $D/aime_historical.jsonl --teacher https://api.deepseek.com/v1 \\
+    python distill.py --problems aime_historical --teacher https://api.deepseek.com/v1 \\
         --api-model deepseek-reasoner --api-key-env DEEPSEEK_API_KEY --samples-per-problem 4 \\
-        --decontaminate $D/aime24.jsonl $D/aime25.jsonl $D/amc23.jsonl $D/math500.jsonl --out runs/traces.jsonl
+        --decontaminate aime24 aime25 amc23 math500 --out runs/traces.jsonl
     # a local model folder as the teacher (batched decoding through sample.py)
     python distill.py --problems problems.jsonl --teacher checkpoints/MODEL --out runs/traces.jsonl
     # then
@@ -14,7 +13,9 @@ The teacher gets the user turn that sft.py trains on and eval_aime.py scores wit
 "Please reason step by step, and put your final answer within \\boxed{}."). Each answer it returns is
 split into thinking (the server's reasoning_content / reasoning field, else the text inside
 <think>...</think>, also when only </think> appears because the template opened <think> in the prompt)
-and solution (the rest), then graded: the integer in the solution's last \\boxed{} against the gold answer.
+and solution (the rest), then graded by eval_aime.check_answer: the solution's last \\boxed{} against the
+gold answer, as integers when the gold is one, else by math-verify's equivalence (fractions, radicals,
+intervals, tuples, matrices, ...). Problem files and evaluation sets may be bundled names (aime24, math500).
 
 Files, all next to --out:
   <out>                  accepted traces {"id", "problem", "answer", "thinking", "solution", ...}: what
@@ -28,7 +29,7 @@ With --keep-all, <out> holds every answer (flags set, "accepted" false) and ther
 Filters, each counted in the report: duplicate problems (same normalized text) and problems that
 overlap a --decontaminate problem in word 8-grams (see contamination()) are never sent; answers cut
 at --max-tokens (finish_reason "length"), with a <think> never closed, with no visible thinking,
-without a boxed integer, or with the wrong integer (rejection sampling) are rejected.
+without a boxed answer, or with a wrong one (rejection sampling) are rejected.
 
 Crash safety and resume: every answer is appended as one line, flushed and fsync'd as it arrives.
 Rerunning the same command repairs a line torn by a kill, skips every sample already in <out> or the
@@ -38,9 +39,8 @@ grows. A failed request is not "done": each rerun tries it once more (with the f
 Ctrl-C (or SIGTERM) stops sending and waits for the requests in flight; a second one aborts. The exit
 status is 0 when every planned answer is saved (or --max-total-tokens stopped the run), else 1.
 
-What it is not: a general grader (answers are integers compared by equality, as in eval_aime.py), a
-rate-limit scheduler (retries and Retry-After are sample.py's), or a cost estimator (--max-total-tokens
-counts tokens, whatever they cost).
+What it is not: a rate-limit scheduler (retries and Retry-After are sample.py's), or a cost estimator
+(--max-total-tokens counts tokens, whatever they cost).
 """
 import argparse
 import dataclasses
@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import (PROMPT_SUFFIX, extract_answer, load_problems, model_fingerprint, read_records, sample_seed,
-                       user_prompt)
+from eval_aime import (PROMPT_SUFFIX, check_answer, data_path, final_answer, load_problems, model_fingerprint,
+                       read_records, sample_seed, user_prompt)
 from sample import EndpointError, Request, SamplingParams
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
@@ -72,7 +72,7 @@ FILTERS = {
     "truncated": "cut at --max-tokens (finish_reason length)",
     "unclosed_think": "<think> never closed",
     "no_thinking": "no visible thinking",
-    "no_answer": "no boxed integer in the solution",
+    "no_answer": "no boxed answer",
     "wrong": "wrong answer",
 }
 
@@ -187,19 +187,20 @@ def seed_of(args, p, k):
 
 def make_record(p, k, seed, c, params, teacher, plain_ok=False):
     thinking, solution, source, closed = split_reasoning(c)
-    extracted = extract_answer(solution) if closed else None
+    extracted = final_answer(solution, p["answer"]) if closed else None
+    correct = extracted is not None and check_answer(solution, p["answer"])
     flags = [name for name, failed in [
         ("contaminated", bool(p["contaminated"])),
         ("truncated", c.finish_reason == "length"),
         ("unclosed_think", not closed),
         ("no_thinking", closed and not thinking and not plain_ok),
         ("no_answer", extracted is None),
-        ("wrong", extracted is not None and extracted != p["answer"]),
+        ("wrong", extracted is not None and not correct),
     ] if failed]
     details = c.usage.get("completion_tokens_details") or {}
     return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
             "problem": p["problem"], "answer": p["answer"], "thinking": thinking, "solution": solution,
-            "extracted": extracted, "correct": extracted == p["answer"], "accepted": not flags, "flags": flags,
+            "extracted": extracted, "correct": correct, "accepted": not flags, "flags": flags,
             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
             "reasoning_tokens": details.get("reasoning_tokens"),
             # o-series bill for reasoning they never show: say so instead of passing off the answer as a chain
@@ -298,7 +299,8 @@ def is_endpoint(teacher):
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", required=True, help="problems JSONL: {id, problem, answer (integer)}")
+    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer (an integer or LaTeX)}, "
+                    "or a bundled set by name (data/NAME.jsonl)")
     ap.add_argument("--teacher", required=True,
                     help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
     ap.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
@@ -310,8 +312,8 @@ def build_parser():
     ap.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (ignored by o-series)")
     ap.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (ignored by o-series)")
     ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
-                    help="evaluation sets: a problem sharing a word 8-gram with one of theirs is not sent "
-                    "(see --min-overlap)")
+                    help="evaluation sets (files or bundled names: aime24 aime25 amc23 math500): a problem "
+                    "sharing a word 8-gram with one of theirs is not sent (see --min-overlap)")
     ap.add_argument("--min-overlap", type=float, default=MIN_OVERLAP, help="contamination: shared 8-grams must "
                     "cover more than this fraction of the shorter problem's 8-grams (default 0: any shared 8-gram)")
     ap.add_argument("--max-total-tokens", type=int, help="stop sending once the saved answers hold this many "
@@ -452,6 +454,7 @@ def main(argv=None):
     """Run, print the report, write <out>.run.json; returns the summary."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.problems, args.decontaminate = data_path(args.problems), [data_path(d) for d in args.decontaminate]
     endpoint = is_endpoint(args.teacher)
     if endpoint and not args.api_model:
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")

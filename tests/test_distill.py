@@ -8,6 +8,7 @@ the output is read back by sft.py's own loader.
 """
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -182,7 +183,12 @@ def test_decontamination_catches_a_reworded_copy_of_aime24(data_dir):
                  "A train leaves at noon at 60 miles per hour; a second train leaves an hour later at 80 miles "
                  "per hour. When does the second train catch up?"]
     assert [distill.contamination(u, refs) for u in unrelated] == [None] * len(unrelated)
-    traces = [json.loads(line)["problem"] for line in (data_dir / "traces_sample.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_real_r1_traces_are_not_flagged(data_dir, traces_sample):
+    refs = distill.load_references([data_dir / f"{name}.jsonl" for name in ("aime24", "aime25", "amc23", "math500")])
+    traces = [json.loads(line)["problem"] for line in traces_sample.read_text().splitlines()]
     assert sum(distill.contamination(t, refs) is not None for t in traces) == 0      # GSM8K / MATH train
 
 
@@ -192,7 +198,7 @@ def test_contaminated_and_duplicate_problems_are_never_sent(tmp_path, data_dir):
     rows = [("aime-copy", copy, int(first["answer"])), ("a", "What is 2+3? Add them.", 5),
             ("a-dup", "  what IS 2 + 3 ?   add them", 5), ("b", "What is 7*8? Multiply.", 56)]
     problems = write_problems(tmp_path / "p.jsonl", rows)
-    decon = ["--decontaminate", str(data_dir / "aime24.jsonl"), str(data_dir / "math500.jsonl")]
+    decon = ["--decontaminate", "aime24", "math500"]                  # bundled sets, by name
     with OpenAIServer() as server:
         summary = run(tmp_path, problems, server.base_url, *decon)
         sent = [user_text(r["body"]) for r in server.requests]
@@ -213,6 +219,44 @@ def test_contaminated_and_duplicate_problems_are_never_sent(tmp_path, data_dir):
     flagged = {r["problem_id"]: r["flags"] for r in rows_all}
     assert flagged["aime-copy"][0] == "contaminated" and flagged["a"] == flagged["b"] == []
     assert all(r["accepted"] == (not r["flags"]) for r in rows_all)
+
+
+# ---- grading: non-integer answers ----
+
+MATRIX = "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"
+# gold: (the same answer written another way, a wrong answer)
+LATEX = {"\\frac{14}{3}": ("4\\frac{2}{3}", "4.67"),
+         "(-\\infty, 3]": ("\\left(-\\infty, 3\\right]", "(-\\infty, 3)"),
+         "(3, -1)": ("\\left(3,-1\\right)", "(-1, 3)"),
+         MATRIX: ("\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}",
+                  "\\begin{pmatrix} 1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
+         "\\text{(C)}": ("C", "\\text{(D)}"),
+         "3\\sqrt{13}": ("\\sqrt{117}", "10.8")}
+
+
+def test_non_integer_answers_accepted_when_right_or_equivalent(tmp_path, capsys):
+    rows, says = [], {}
+    for n, (gold, (equivalent, wrong)) in enumerate(LATEX.items()):
+        for kind, answer in (("right", gold), ("equivalent", equivalent), ("wrong", wrong)):
+            rows.append((f"{kind}-{n}", f"Problem {n}, {kind} teacher: find the value.", gold))
+            says[rows[-1][1]] = f"$\\boxed{{{answer}}}$"
+    rows.append(("unboxed", "Problem 6: no box.", "\\frac{1}{2}"))
+    says[rows[-1][1]] = "the answer is $\\frac{1}{2}$"
+    problems = write_problems(tmp_path / "p.jsonl", rows)
+
+    def teacher(body, attempt):
+        problem = user_text(body).split("\n\n")[0]
+        return reply(f"<think>\nWorking it out.\n</think>\n\nSo {says[problem]}.")
+    with OpenAIServer(teacher) as server:
+        summary = run(tmp_path, problems, server.base_url)
+    accepted, rejected, _ = files(tmp_path)
+    assert sorted(r["problem_id"] for r in accepted) == sorted(i for i, _, _ in rows if not i.startswith(("wrong", "unb")))
+    assert {r["problem_id"]: r["flags"] for r in rejected} == {**{f"wrong-{n}": ["wrong"] for n in range(6)},
+                                                               "unboxed": ["no_answer"]}
+    assert all(r["correct"] and r["answer"] == r["extracted"] for r in accepted if r["problem_id"].startswith("right"))
+    assert summary["counts"]["flags"]["wrong"] == 6 and summary["counts"]["flags"]["no_answer"] == 1
+    printed = capsys.readouterr().out
+    assert re.search(r"wrong answer +6\n", printed) and re.search(r"no boxed answer +1\n", printed)
 
 
 # ---- budget, truncation, configuration ----

@@ -1,6 +1,7 @@
 """eval_aime.py end to end on 3 problems of aime24: with a fake sampler, through --base-url against the
 loopback server, resumed after lost and torn lines, refused on a changed configuration, sharded, and
-killed with SIGKILL mid-run. No model weights: the local-model run lives with the sampler's tests.
+killed with SIGKILL mid-run; MATH-500's LaTeX answers and per-level / per-subject tables; the embedded
+SmolLM2 for real on two MATH-500 problems.
 
     .venv/bin/python -m pytest tests/test_eval_aime.py -q
 """
@@ -22,9 +23,8 @@ from openai_server import OpenAIServer, error, reply, user_text
 from sample import Completion
 
 REPO = Path(__file__).resolve().parents[1]
-AIME24 = REPO.parent / "shared" / "data" / "aime24.jsonl"
-GOLD = {user_prompt(p["problem"]): p["answer"] for p in load_problems(AIME24)} if AIME24.exists() else {}
-pytestmark = pytest.mark.skipif(not AIME24.exists(), reason=f"{AIME24} not found")
+AIME24 = eval_aime.data_path("aime24")
+GOLD = {user_prompt(p["problem"]): p["answer"] for p in load_problems(AIME24)}
 
 
 def scripted(gold, seed):
@@ -63,7 +63,7 @@ def responder(body, attempt):
 
 
 def score(out, *extra, sampler=None):
-    argv = ["--data", str(AIME24), "--limit", "3", "--out", str(out), *extra]
+    argv = ["--data", "aime24", "--limit", "3", "--out", str(out), *extra]
     return eval_aime.main(argv, sampler=FakeSampler() if sampler is None else sampler)
 
 
@@ -132,7 +132,7 @@ def test_resume_after_lost_and_torn_lines(tmp_path):
     more = score(out, "--samples", "8", sampler=fake)                  # raising K reuses the 4 drawn
     assert fake.calls == 12 and len(lines(out)) == 24 and "pass@8" in more["metrics"]
     more_lines = lines(out)
-    fewer = eval_aime.main(["--data", str(AIME24), "--limit", "2", "--samples", "4", "--out", str(out)],
+    fewer = eval_aime.main(["--data", "aime24", "--limit", "2", "--samples", "4", "--out", str(out)],
                            sampler=FakeSampler())                      # a subset is scored from the file
     assert fewer["metrics"] == summarize(load_problems(AIME24)[:2], records_of(out), 4)[0]
     assert first["per_problem"][:2] == fewer["per_problem"]
@@ -170,8 +170,10 @@ def test_shards_merge_to_the_single_run(tmp_path, monkeypatch):
 
 def test_bad_problem_files_name_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    cases = {'{"id": "a", "problem": "p", "answer": "1"}\n{"id": "b", "problem": "q", "answer": "1/2"}\n':
-             "bad.jsonl:2: answer '1/2' is not an integer",
+    cases = {'{"id": "a", "problem": "p", "answer": "1"}\n{"id": "b", "problem": "q"}\n': "bad.jsonl:2: no answer",
+             '{"id": "a", "problem": "p", "answer": " "}\n': "bad.jsonl:1: no answer",
+             '{"id": "a", "problem": "p", "answer": null}\n': "bad.jsonl:1: no answer",
+             '{"id": "a", "problem": "p", "answer": ["1"]}\n': "bad.jsonl:1: no answer",
              '{"id": "a", "problem": "p", "answer": 1}\n{"id": "a", "problem": "q", "answer": 2}\n':
              "bad.jsonl:2: duplicate id 'a'",
              '{"id": "a", "problem": "p", "answer": 1}\n\n{"id": "b", "problem": "q"\n':
@@ -181,15 +183,32 @@ def test_bad_problem_files_name_the_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(SystemExit, match=message):
             eval_aime.main(["--data", str(bad)], sampler=FakeSampler())
-    bad.write_text('{"ID": 7, "Problem": "p", "Answer": "033"}\n{"question": "q", "answer": 12.0}\n')
+    bad.write_text('{"ID": 7, "Problem": "p", "Answer": "033"}\n{"question": "q", "answer": 12.0}\n'
+                   '{"unique_id": "u", "problem": "r", "answer": " \\\\frac{1}{2} ", "level": 3, "subject": "Algebra"}\n'
+                   '{"problem": "s", "answer": 0.5}\n')
     assert load_problems(bad) == [{"id": "7", "problem": "p", "answer": 33},
-                                  {"id": "line-2", "problem": "q", "answer": 12}]
+                                  {"id": "line-2", "problem": "q", "answer": 12},
+                                  {"id": "u", "problem": "r", "answer": "\\frac{1}{2}", "level": 3, "subject": "Algebra"},
+                                  {"id": "line-4", "problem": "s", "answer": "0.5"}]
+
+
+def test_bundled_sets_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sizes = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "aime_historical": 919}
+    for name, n in sizes.items():
+        assert eval_aime.data_path(name) == str(REPO / "data" / f"{name}.jsonl")
+        assert len(load_problems(eval_aime.data_path(name))) == n
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"id": "a", "problem": "p", "answer": "(3,4]"}\n')
+    assert eval_aime.data_path(str(mine)) == str(mine) and eval_aime.data_path("mine.jsonl") == "mine.jsonl"
+    with pytest.raises(SystemExit, match="aime99"):
+        eval_aime.main(["--data", "aime99"], sampler=FakeSampler())
 
 
 def test_endpoint_run_equals_the_fake_run(tmp_path):
     fake = score(tmp_path / "fake.jsonl", "--samples", "4")
     with OpenAIServer(responder) as server:
-        s = eval_aime.main(["--data", str(AIME24), "--limit", "3", "--samples", "4", "--out", str(tmp_path / "ep.jsonl"),
+        s = eval_aime.main(["--data", "aime24", "--limit", "3", "--samples", "4", "--out", str(tmp_path / "ep.jsonl"),
                             "--base-url", server.base_url, "--api-model", "test-model", "--concurrency", "4"])
         assert len(server.requests) == 12 and {r["body"]["model"] for r in server.requests} == {"test-model"}
         assert all(r["body"]["temperature"] == 0.6 and r["body"]["max_tokens"] == 32768 for r in server.requests)
@@ -197,18 +216,67 @@ def test_endpoint_run_equals_the_fake_run(tmp_path):
     assert s["sampler"]["kind"] == "endpoint" and s["config"]["api_model"] == "test-model"
 
 
-@pytest.mark.parametrize("protocol", [["--temperature", "0", "--samples", "1"], ["--samples", "4"]])
-def test_local_model_end_to_end(smollm2, tmp_path, protocol):
-    # the embedded default model, for real: 1 problem, 4 new tokens per sample (a pipeline check, not a score)
+MATH500 = load_problems(eval_aime.data_path("math500"))
+VARIANT = {"\\left( 3, \\frac{\\pi}{2} \\right)": "(3, \\pi/2)", "p - q": "-q+p", "\\frac{14}{3}": "\\dfrac{14}{3}",
+           9: "009", "\\text{Evelyn}": "Evelyn", 42: "42.0"}      # the first 6 golds, written another way
+
+
+class Math500Sampler(FakeSampler):
+    """By seed: the gold as written, an equivalent answer written otherwise, a wrong box, or no box."""
+    KINDS = ("right", "equivalent", "wrong", "unboxed")
+
+    def generate(self, requests, params):
+        gold = {user_prompt(p["problem"]): p["answer"] for p in MATH500}
+        for i, r in enumerate(requests):
+            g = gold[r.messages[-1]["content"]]
+            kind = self.KINDS[r.seed % 4]
+            answer = {"right": f"\\boxed{{{g}}}", "equivalent": f"\\boxed{{{VARIANT[g]}}}",
+                      "wrong": "\\boxed{\\frac{1}{7}}", "unboxed": f"the answer is {g}"}[kind]
+            yield i, Completion(text=f"<think>\nok\n</think>\n\n{answer}", num_tokens=5, finish_reason="stop")
+
+
+def test_math500_latex_answers_votes_and_tables(tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    s = eval_aime.main(["--data", "math500", "--limit", "6", "--samples", "4", "--out", str(out)],
+                       sampler=Math500Sampler())
+    rows = [json.loads(x) for x in lines(out)]
+    kinds = {(r["id"], r["sample"]): Math500Sampler.KINDS[r["seed"] % 4] for r in rows}
+    assert len(rows) == 24 and len(set(kinds.values())) == 4
+    for r in rows:
+        kind = kinds[(r["id"], r["sample"])]
+        assert r["correct"] == (kind in ("right", "equivalent")), (kind, r["gold"], r["text"])
+        assert (r["extracted"] is None) == (kind == "unboxed" or (kind == "wrong" and isinstance(r["gold"], int)))
+    m = s["metrics"]
+    assert m == summarize(MATH500[:6], records_of(out), 4)[0]
+    assert m["pass@1"] == sum(r["correct"] for r in rows) / 24
+    for field in ("level", "subject"):
+        for group, g in m[f"by_{field}"].items():
+            ids = {p["id"] for p in MATH500[:6] if str(p[field]) == group}
+            assert g["problems"] == len(ids)
+            assert g["pass@1"] == pytest.approx(sum(r["correct"] for r in rows if r["id"] in ids) / 4 / len(ids))
+    assert sum(g["problems"] for g in m["by_level"].values()) == 6 == sum(g["problems"] for g in m["by_subject"].values())
+    for pp in s["per_problem"]:       # right and equivalent answers are one class; the wrong boxes another
+        right = [k for k in range(4) if kinds[(pp["id"], k)] in ("right", "equivalent")]
+        wrong = [k for k in range(4) if kinds[(pp["id"], k)] == "wrong" and isinstance(pp["gold"], str)]
+        wins = bool(right) and (len(right) > len(wrong) or len(right) == len(wrong) and right[0] < wrong[0])
+        assert pp["majority_correct"] == wins
+    printed = capsys.readouterr().out
+    assert "\nlevel " in printed and "\nsubject " in printed and "Intermediate Algebra" in printed
+
+
+@pytest.mark.parametrize("protocol", [["--temperature", "0", "--samples", "1"], ["--samples", "2"]])
+def test_local_model_end_to_end(smollm2, tmp_path, protocol, capsys):
+    # the embedded default model, for real: 2 MATH-500 problems, 4 new tokens per sample (a pipeline check, not a score)
     out = tmp_path / "local.jsonl"
-    s = eval_aime.main(["--model", str(smollm2), "--data", str(AIME24), "--limit", "1", "--max-new-tokens", "4",
+    s = eval_aime.main(["--model", str(smollm2), "--data", "math500", "--limit", "2", "--max-new-tokens", "4",
                         "--device", "cpu", "--dtype", "float32", "--out", str(out), *protocol])
     k, greedy = int(protocol[-1]), protocol[1] == "0"
     rows = [json.loads(x) for x in lines(out)]
-    assert [(r["id"], r["sample"]) for r in rows] == [("2024-I-1", j) for j in range(k)]
+    assert [(r["id"], r["sample"]) for r in rows] == [(p["id"], j) for p in MATH500[:2] for j in range(k)]
     assert all(0 < r["num_tokens"] <= 4 and r["finish_reason"] in ("stop", "length") for r in rows)
-    assert s["metrics"] == summarize(load_problems(AIME24)[:1], records_of(out), k, greedy)[0]
-    assert s["metrics"]["truncation_rate"] == sum(r["finish_reason"] == "length" for r in rows) / k
+    assert s["metrics"] == summarize(MATH500[:2], records_of(out), k, greedy)[0]
+    assert set(s["metrics"]["by_level"]) == {"2", "5"} and "\nlevel " in capsys.readouterr().out
+    assert s["metrics"]["truncation_rate"] == sum(r["finish_reason"] == "length" for r in rows) / len(rows)
     assert s["sampler"]["kind"] == "local" and s["manifest"]["model"]["path"] == str(smollm2.resolve())
     assert json.loads(Path(f"{out}.summary.json").read_text())["metrics"] == s["metrics"]
 
@@ -220,7 +288,7 @@ def test_endpoint_failures_keep_the_other_samples(tmp_path):
     def flaky(body, attempt):                   # sample 1 of every problem is refused, until cleared
         return error(400, "bad request") if body["seed"] in refused else responder(body, attempt)
     with OpenAIServer(flaky) as server:
-        argv = ["--data", str(AIME24), "--limit", "2", "--out", str(out), "--base-url", server.base_url,
+        argv = ["--data", "aime24", "--limit", "2", "--out", str(out), "--base-url", server.base_url,
                 "--api-model", "m"]
         with pytest.raises(SystemExit, match="2 requests failed, first: .*HTTP 400.*bad request.*rerun"):
             eval_aime.main(argv)
@@ -232,7 +300,7 @@ def test_endpoint_failures_keep_the_other_samples(tmp_path):
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
-    argv = [sys.executable, str(REPO / "eval_aime.py"), "--data", str(AIME24), "--limit", "3", "--samples", "4",
+    argv = [sys.executable, str(REPO / "eval_aime.py"), "--data", "aime24", "--limit", "3", "--samples", "4",
             "--concurrency", "2"]
     hold, release, served = threading.Event(), threading.Event(), itertools.count()
 

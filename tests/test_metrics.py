@@ -86,3 +86,29 @@ def test_summarize_hand_computed():
     # fewer samples than stored: only the first K count
     m2, _ = summarize(problems, records, 2)
     assert m2["pass@1"] == pytest.approx((1.0 + 0.5) / 2) and "pass@4" not in m2
+
+
+def test_summarize_latex_golds_votes_over_equivalence_and_tables_by_level_and_subject():
+    problems = [{"id": "a", "answer": "\\frac{1}{2}", "level": 1, "subject": "Algebra"},
+                {"id": "b", "answer": "(3,4]", "level": 1, "subject": "Precalculus"},
+                {"id": "c", "answer": 7, "level": 2, "subject": "Algebra"}]
+
+    def rec(pid, k, extracted, correct):
+        return {"id": pid, "sample": k, "extracted": extracted, "correct": correct, "finish_reason": "stop",
+                "num_tokens": 1}
+    recs = [rec("a", 0, "\\frac{1}{3}", False), rec("a", 1, "0.5", True), rec("a", 2, "\\dfrac12", True),
+            rec("a", 3, "\\frac{2}{6}", False),
+            rec("b", 0, "(3, 4)", False), rec("b", 1, "(3,4]", True), rec("b", 2, "\\left(3, 4\\right]", True),
+            rec("b", 3, None, False),
+            rec("c", 0, 8, False), rec("c", 1, 7, True), rec("c", 2, 7, True), rec("c", 3, None, False)]
+    m, per = summarize(problems, {(r["id"], r["sample"]): r for r in recs}, 4)
+    # a: 1/3 and 2/6 are one class (2 votes), tied with 0.5 and 1/2 (2 votes): the class seen first wins
+    assert per[0]["votes"] == {"\\frac{1}{3}": 2, "0.5": 2} and per[0]["majority"] == "\\frac{1}{3}"
+    # b: (3,4] and \left(3, 4\right] are one class of 2 (counted as strings, the wrong (3, 4) would win)
+    assert per[1]["votes"] == {"(3,4]": 2, "(3, 4)": 1, "none": 1} and per[1]["majority_correct"]
+    assert [pp["majority_correct"] for pp in per] == [False, True, True] and m["maj@4"] == pytest.approx(2 / 3)
+    assert m["by_level"] == {"1": {"problems": 2, "pass@1": 0.5, "maj@4": 0.5},
+                             "2": {"problems": 1, "pass@1": 0.5, "maj@4": 1.0}}
+    assert m["by_subject"] == {"Algebra": {"problems": 2, "pass@1": 0.5, "maj@4": 0.5},
+                               "Precalculus": {"problems": 1, "pass@1": 0.5, "maj@4": 1.0}}
+    assert "by_level" not in summarize([{"id": "c", "answer": 7}], {(r["id"], r["sample"]): r for r in recs}, 4)[0]

@@ -314,11 +314,11 @@ def test_torchrun_two_processes_equal_one(tiny, data, tmp_path):
 # ----------------------------------------------------------------------------- the real thing (slow)
 
 @pytest.mark.slow
-def test_100_steps_on_r1_chains_lower_the_held_out_loss(smollm2, data_dir, tmp_path):
+def test_100_steps_on_r1_chains_lower_the_held_out_loss(smollm2, traces_sample, tmp_path):
     """SmolLM2-135M-Instruct on real DeepSeek-R1 chains that fit in 1024 tokens: 100 steps of one row
     each, held-out loss on 24 other rows before and after. Several minutes on CPU."""
     tok = Tokenizer(smollm2)
-    rows = [json.loads(l) for l in (data_dir / "traces_sample.jsonl").open()]
+    rows = [json.loads(l) for l in traces_sample.open()]
     short = [r for r in rows if len(sft.tokenize(sft.to_messages(r), tok)[0]) <= 1024]
     train, held_out = write_jsonl(tmp_path / "train.jsonl", short[24:]), write_jsonl(tmp_path / "eval.jsonl", short[:24])
     out = tmp_path / "out"
