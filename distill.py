@@ -63,7 +63,7 @@ import sample
 from eval_aime import (PROMPT_SUFFIX, check_answer, data_path, final_answer, load_problems, read_records, sample_seed,
                        user_prompt)
 from model import UserError
-from sample import Completion, EndpointError, PromptTooLong, Request, SamplingParams
+from sample import Completion, EndpointError, PromptTooLong, Request
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
 MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem's 8-grams: 0 = any shared 8-gram
@@ -279,8 +279,9 @@ def run_config(args):
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
             # only when set, so that runs made before these flags existed still resume
-            **({"raw_prompt": True} if args.raw_prompt else {}),
-            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
+            **{k: v for k, v in [("raw_prompt", args.raw_prompt), ("chat_template_kwargs", args.chat_template_kwargs),
+                                 ("top_k", args.top_k), ("min_p", args.min_p), ("max_think_tokens", args.max_think_tokens),
+                                 ("min_think_tokens", args.min_think_tokens)] if v}}
 
 
 def check_config(files, config):
@@ -307,23 +308,16 @@ def is_endpoint(teacher):
 
 
 def build_parser():
-    ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              conflict_handler="resolve")      # lets --seed below replace the shared one
     ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer (an integer or LaTeX)}, "
                     "or a bundled set by name (data/NAME.jsonl)")
     ap.add_argument("--teacher", required=True,
                     help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
-    ap.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
     ap.add_argument("--out", required=True,
                     help="accepted traces JSONL; also writes <out>.rejected.jsonl, .errors.jsonl and .run.json")
     ap.add_argument("--samples-per-problem", type=model.number(1), default=1,
                     help="answers asked per problem (default 1)")
-    ap.add_argument("--concurrency", type=model.number(1), default=8, help="requests in flight (endpoint)")
-    ap.add_argument("--max-tokens", type=model.number(1), default=32768,
-                    help="completion limit per answer, reasoning included")
-    ap.add_argument("--temperature", type=model.number(0, kind=float), default=0.6,
-                    help="0 is greedy (ignored by o-series)")
-    ap.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=0.95,
-                    help="nucleus mass (ignored by o-series)")
     ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
                     help="evaluation sets (files or bundled names: aime24 aime25 amc23 math500): a problem "
                     "sharing a word 8-gram with one of theirs is not sent (see --min-overlap)")
@@ -333,29 +327,18 @@ def build_parser():
     ap.add_argument("--max-total-tokens", type=model.number(1),
                     help="stop sending once the saved answers hold this many completion tokens (all runs on "
                     "this --out together); answers in flight are still saved")
-    ap.add_argument("--api-key-env", help="environment variable that holds the API key (default: OPENAI_API_KEY "
-                    "if it is set, else no key)")
     ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
     ap.add_argument("--raw-prompt", action="store_true", help="local teacher: send the user turn as plain text, "
                     "no chat template (base models; an endpoint always gets a chat message)")
-    ap.add_argument("--chat-template-kwargs", type=model.json_object, default={}, metavar="JSON",
-                    help="keywords for the teacher's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3); "
-                    "sent to endpoints as chat_template_kwargs (vLLM, SGLang)")
     ap.add_argument("--keep-all", action="store_true", help="write every answer to --out with its flags "
                     "(contaminated problems are sent too); sft.py trains on all of them, except rows without "
                     "thinking or solution, which it refuses (or skips with --skip-bad)")
     ap.add_argument("--plain-ok", action="store_true", help="the teacher is not a reasoning model: accept answers "
                     "without thinking (the whole answer is the chain; sft.py then trains on the solution alone)")
+    # the sampling flags sample.py and eval_aime.py share (--max-tokens is --max-new-tokens), less --base-url
+    sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768, timeout=1800.0, distill=True)
     ap.add_argument("--seed", type=int, default=0,
                     help="base seed: sample k of a problem is sent a seed hashed from (seed, problem, k)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local teacher")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local teacher")
-    ap.add_argument("--batch-size", type=model.number(1), default=64, help="rows decoded together (local teacher)")
-    ap.add_argument("--compile", action="store_true", help="local teacher: torch.compile the decode step "
-                    "(CUDA graphs on GPU; see sample.py)")
-    ap.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=1800.0,
-                    help="seconds per request: long enough for the slowest real answer, since a timed-out "
-                    "request is paid for and asked again (default 1800)")
     return ap
 
 
@@ -393,7 +376,7 @@ def requests_for(todo, args, stop):
 
 def distill(sampler, todo, params, args, files, totals, budget_left):
     """Ask the teacher for every (problem, k) in todo; write each answer as it arrives."""
-    stop, endpoint = Stop(), isinstance(sampler, sample.EndpointSampler)
+    stop, endpoint = Stop(), is_endpoint(args.teacher)
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
     writers = {name: Appender(files[name]) for name in ("out", "rejected", "errors")}
     new = Counter()
@@ -401,15 +384,15 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
     requests = requests_for(todo, args, stop)
     bar = tqdm(total=totals["planned"], initial=totals["done"], unit="answer", desc="distill")
     try:
-        # a local sampler takes them all at once (it batches them), so it gets a list; errors="yield":
+        # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
         # one failed request must not lose the others in flight
-        for i, c in sampler.generate(requests if endpoint else list(requests), params, errors="yield"):
+        for i, c in sampler.generate(requests, params, errors="yield"):
             p, k = todo[i]
             if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
                 c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
             if isinstance(c, EndpointError):
                 writers["errors"].write({"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
-                                         "status": c.status, "attempts": c.attempts, "error": scrub(str(c), args),
+                                         "status": c.status, "attempts": c.attempts, "error": sampler.scrub(str(c)),
                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 new["errors"] += 1
             else:
@@ -432,12 +415,6 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
         for w in writers.values():
             w.close()
     return new, stop.reason
-
-
-def scrub(text, args):
-    """sample.py already keeps the key out of its errors; this makes sure for anything we write."""
-    key = os.environ.get(args.api_key_env or "OPENAI_API_KEY")
-    return text.replace(key, "[api key]") if key else text
 
 
 def counts(records, planned):
@@ -488,6 +465,7 @@ def main(argv=None):
         ap.error(f"--teacher {args.teacher!r} is neither an http(s):// URL nor a model folder")
     if args.raw_prompt and args.system:
         ap.error("--system needs the chat template: not with --raw-prompt")
+    args.model, args.base_url = (None, args.teacher) if endpoint else (args.teacher, None)  # sampler_from_args's
     with model.output_lock(args.out):
         return run(args)
 
@@ -509,7 +487,7 @@ def run(args):
     previous = check_config(files, config)
     records = read_all([files["out"], files["rejected"]])
     read_all([files["errors"]])                        # only to cut a torn line before appending to it
-    done = {r["id"] for r in records if is_done(r, args.max_tokens)}
+    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
     todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
     before = counts(records, planned)
     budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
@@ -517,18 +495,11 @@ def run(args):
     if spent:
         todo = []
 
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    sampler = None
-    if todo:                                           # a local teacher takes a while to load: only if needed
-        with model.user_errors():
-            sampler = sample.make_sampler(model=None if endpoint else args.teacher,
-                                          base_url=args.teacher if endpoint else None, api_model=args.api_model,
-                                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                          concurrency=args.concurrency,
-                                          api_key_env=args.api_key_env, timeout=args.timeout, compile=args.compile,
-                                          chat_template_kwargs=args.chat_template_kwargs)
+    params = sample.sampling_params(args)
+    # a local teacher takes a while to load: only if needed
+    sampler = sample.sampler_from_args(args) if todo else None
     summary = {"config": config, "samples_per_problem": args.samples_per_problem,
-               "max_tokens": args.max_tokens, "max_total_tokens": args.max_total_tokens,
+               "max_tokens": args.max_new_tokens, "max_total_tokens": args.max_total_tokens,
                "teacher": sampler.describe() if sampler else previous.get("teacher"),
                "sampling": dataclasses.asdict(params),
                "problems": {"file": args.problems, "total": len(problems), "sent": len(keep),
@@ -547,7 +518,7 @@ def run(args):
             new, stopped = distill(sampler, todo, params, args, files, totals, budget_left)
 
     records = read_all([files["out"], files["rejected"]])
-    done = {r["id"] for r in records if is_done(r, args.max_tokens)}
+    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
     missing = {sample_id(p["problem"], k) for p, k in planned} - done
     failed = {e["id"] for e in read_all([files["errors"]])}
     summary["counts"] = counts(records, planned)

@@ -491,11 +491,10 @@ def draw(sampler, todo, params, args, path, done, bar):
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
     # local model's context is recorded as a sample without an answer.
-    kw = {"errors": "yield"} if isinstance(sampler, (sample.EndpointSampler, sample.LocalSampler)) else {}
     start, tokens, failed, skipped = time.time(), 0, [], 0
     f = open(path, "a", encoding="utf-8") if path else None
     try:
-        for i, c in sampler.generate(requests, params, **kw) if requests else ():
+        for i, c in sampler.generate(requests, params, errors="yield") if requests else ():
             p, k = todo[i]
             if isinstance(c, sample.PromptTooLong):
                 skipped += 1
@@ -600,10 +599,7 @@ def build_sampler(args, world):
         import torch                          # one GPU per rank: "cuda" / "auto" then means this rank's GPU
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return sample.make_sampler(model=args.model, base_url=args.base_url, api_model=args.api_model,
-                               device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                               concurrency=args.concurrency, api_key_env=args.api_key_env, timeout=args.timeout,
-                               compile=args.compile, chat_template_kwargs=args.chat_template_kwargs)
+    return sample.sampler_from_args(args)
 
 
 def gather(out, done, needed, rank, world, wait_for_others):
@@ -661,8 +657,7 @@ def score(args, every, problems, out, own, shard, sampler):
     todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
     if sampler is None:
-        with model.user_errors():
-            sampler = build_sampler(args, world)
+        sampler = build_sampler(args, world)
     if new:
         model.write_json_atomic(sidecar(out, "config"), config)
     total = len(mine) * args.samples

@@ -163,8 +163,10 @@ class LocalSampler:
 
     @torch.no_grad()
     def generate(self, requests, params, on_token=None, errors="raise"):
-        """Yield (index, Completion) as each request finishes. on_token(index, token_id) streams.
-        With errors="yield", a prompt too long for the context yields (index, PromptTooLong) instead."""
+        """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
+        request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
+        the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches."""
+        requests = list(requests)
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
         prompts, opened = {}, {}
@@ -187,7 +189,6 @@ class LocalSampler:
         cache = self.cache(B, max_len)
         B = cache.batch_size  # fewer rows when memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
-        started, total = time.perf_counter(), 0
         while waiting or rows:
             # refill free slots with waiting prompts: one prefill each, copied to its rows
             while waiting and len(rows) < B:
@@ -201,7 +202,6 @@ class LocalSampler:
                 rows += [Row(i, requests[i], len(prompt), opened[i]) for i in take]
                 logits = torch.cat([logits, first.expand(len(take), -1)])
             tokens = self.choose(rows, logits, params)
-            total += len(rows)
             done = []
             for slot, (row, t) in enumerate(zip(rows, tokens)):
                 row.tokens.append(t)
@@ -237,7 +237,6 @@ class LocalSampler:
             logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
             if self.compile:
                 logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-        self.tokens_per_second = total / max(time.perf_counter() - started, 1e-9)
 
     def cache(self, B, max_len):
         """A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
@@ -376,10 +375,11 @@ class EndpointSampler:
                 "max_attempts": self.max_attempts, "api_key_env": self.api_key_env,
                 "chat_template_kwargs": self.template_kwargs}
 
-    def generate(self, requests, params, errors="raise"):
-        """Yield (index, Completion) as each request finishes, in any order. With errors="yield",
-        a request that failed for good yields (index, EndpointError) instead of raising."""
-        assert errors in ("raise", "yield")
+    def generate(self, requests, params, on_token=None, errors="raise"):
+        """The sampling contract (LocalSampler.generate's): yield (index, Completion) as each request
+        finishes, in any order. With errors="yield", a request that failed for good yields (index,
+        EndpointError) instead of raising. on_token is never called: an endpoint returns whole answers.
+        `requests` is read lazily (see below), so a caller may stop producing them."""
         if params.max_think_tokens is not None or params.min_think_tokens is not None:
             raise ValueError("thinking budgets need token-level control: local models only")
         todo = iter(enumerate(requests))
@@ -451,20 +451,21 @@ class EndpointSampler:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            message = self._scrub(_error_message(e))
+            message = self.scrub(_error_message(e))
             if e.code in RETRY_STATUSES or e.code >= 500:
                 raise _Retry(f"HTTP {e.code}: {message}", e.code, _retry_after(e.headers)) from None
             raise EndpointError(f"HTTP {e.code} from {self.url}: {message}", e.code) from None
         except (OSError, http.client.HTTPException) as e:
             # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
-            raise _Retry(self._scrub(f"{type(e).__name__}: {e}")) from None
+            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
         try:
             return json.loads(raw)
         except ValueError:
-            raise EndpointError(f"malformed JSON from {self.url}: {self._scrub(raw[:200].decode(errors='replace'))}",
+            raise EndpointError(f"malformed JSON from {self.url}: {self.scrub(raw[:200].decode(errors='replace'))}",
                                 200) from None
 
-    def _scrub(self, text):
+    def scrub(self, text):
+        """The API key out of any text we show or write (a server may echo it back)."""
         return text.replace(self._key, "[api key]") if self._key else text
 
 
@@ -540,6 +541,16 @@ def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype
                         chat_template_kwargs=chat_template_kwargs)
 
 
+SAMPLER_FLAGS = ("model", "base_url", "api_model", "device", "dtype", "batch_size", "concurrency", "api_key_env",
+                 "timeout", "compile", "chat_template_kwargs")
+
+
+def sampler_from_args(args):
+    """make_sampler with the flags of add_sampling_args (and --model), as sample, eval_aime and distill parse them."""
+    with model.user_errors():
+        return make_sampler(**{k: getattr(args, k) for k in SAMPLER_FLAGS})
+
+
 def check_reachable(base_url, timeout=10):
     """Connect once to the endpoint's host (or to the proxy urllib would use for it)."""
     url = urllib.parse.urlsplit(base_url)
@@ -555,20 +566,25 @@ def check_reachable(base_url, timeout=10):
                         f"({e.strerror or type(e).__name__}): is the server up?") from None
 
 
-def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
-    """The flags every script that samples shares (sample.py, eval_aime.py, distill.py)."""
-    p.add_argument("--temperature", type=model.number(0, kind=float), default=temperature, help="0 means greedy")
-    p.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=top_p, help="nucleus sampling mass")
+def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeout=600.0, distill=False):
+    """The flags every script that samples shares (sample.py, eval_aime.py, distill.py). distill.py names
+    the model or URL --teacher (no --base-url) and the length limit --max-tokens (--max-new-tokens too)."""
+    p.add_argument("--temperature", type=model.number(0, kind=float), default=temperature,
+                   help="0 means greedy (ignored by o-series)")
+    p.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=top_p,
+                   help="nucleus sampling mass (ignored by o-series)")
     p.add_argument("--top-k", type=model.number(0), default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--min-p", type=model.number(0, 1, float), default=0.0,
                    help="drop tokens below min_p x the top probability")
-    p.add_argument("--max-new-tokens", type=model.number(1), default=max_new_tokens, help="completion length limit")
+    names = ["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]
+    p.add_argument(*names, dest="max_new_tokens", type=model.number(1), default=max_new_tokens, help="completion length limit, reasoning included")
     p.add_argument("--max-think-tokens", type=model.number(0),
-                   help="force '</think>' + an answer cue after N thinking tokens")
-    p.add_argument("--min-think-tokens", type=model.number(0), help="replace an earlier '</think>' with 'Wait'")
+                   help="force '</think>' + an answer cue after N thinking tokens (local models)")
+    p.add_argument("--min-think-tokens", type=model.number(0),
+                   help="replace an earlier '</think>' with 'Wait' (local models)")
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local models")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local models")
     p.add_argument("--batch-size", type=model.number(1), default=64, help="rows decoded together (local models; "
                    "fewer when their KV cache would not fit in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
@@ -576,13 +592,14 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024):
     p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
                    help="keywords for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3); sent to endpoints "
                    "as chat_template_kwargs (vLLM, SGLang)")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-model", help="model name at the endpoint")
+    if not distill:
+        p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
     p.add_argument("--api-key-env", help="environment variable holding the API key (default: OPENAI_API_KEY "
                    "if it is set, else no key)")
     p.add_argument("--concurrency", type=model.number(1), default=8, help="requests in flight (endpoints)")
-    p.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=600.0,
-                   help="seconds per request (endpoints)")
+    p.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=timeout,
+                   help="seconds per request (endpoints): a timed-out request is paid for and asked again")
 
 
 def sampling_params(args):
@@ -604,9 +621,7 @@ def main(argv=None):
         p.error("--prompt is empty")
     if args.model is None and args.base_url is None:
         p.error("give --model DIR or --base-url URL --api-model NAME")
-    with model.user_errors():
-        sampler = make_sampler(args.model, args.base_url, args.api_model, args.device, args.dtype, args.batch_size,
-                               args.concurrency, args.api_key_env, args.timeout, args.compile, args.chat_template_kwargs)
+    sampler = sampler_from_args(args)
     chat = args.chat or args.base_url is not None
     requests = [Request(messages=[{"role": "user", "content": args.prompt}] if chat else None,
                         prompt=None if chat else args.prompt, seed=args.seed + j) for j in range(args.num_samples)]
@@ -624,8 +639,8 @@ def main(argv=None):
     on_token.printed = 0
     started, tokens = time.perf_counter(), 0
     try:
-        results = sampler.generate(requests, params, on_token=on_token) if stream else sampler.generate(requests, params)
-        for i, c in sorted(results, key=lambda r: r[0]) if not stream else results:
+        results = sampler.generate(requests, params, on_token=on_token if stream else None)
+        for i, c in results if stream else sorted(results, key=lambda r: r[0]):
             tokens += c.num_tokens
             if args.json:
                 print(json.dumps({"index": i, "text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}))

@@ -45,7 +45,7 @@ class FakeSampler:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, requests, params):
+    def generate(self, requests, params, on_token=None, errors="raise"):
         for i in reversed(range(len(requests))):
             r = requests[i]
             text, finish = scripted(GOLD[r.prompt or r.messages[-1]["content"]], r.seed)
@@ -236,7 +236,7 @@ class Math500Sampler(FakeSampler):
     """By seed: the gold as written, an equivalent answer written otherwise, a wrong box, or no box."""
     KINDS = ("right", "equivalent", "wrong", "unboxed")
 
-    def generate(self, requests, params):
+    def generate(self, requests, params, on_token=None, errors="raise"):
         gold = {user_prompt(p["problem"]): p["answer"] for p in MATH500}
         for i, r in enumerate(requests):
             g = gold[r.messages[-1]["content"]]

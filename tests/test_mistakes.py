@@ -59,7 +59,7 @@ def dead_port():
 
 class Sevens:
     """A sampler that answers \\boxed{7} to everything."""
-    def generate(self, requests, params):
+    def generate(self, requests, params, on_token=None, errors="raise"):
         for i in range(len(requests)):
             yield i, Completion(text="So \\boxed{7}.", num_tokens=3, finish_reason="stop")
 
