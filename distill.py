@@ -60,9 +60,8 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import (PROMPT_SUFFIX, check_answer, data_path, final_answer, load_problems, read_records, sample_seed,
-                       user_prompt)
-from model import UserError
+from eval_aime import check_answer, data_path, final_answer, load_problems, read_records, sample_seed
+from model import PROMPT_SUFFIX, UserError, user_prompt
 from sample import Completion, EndpointError, PromptTooLong, Request
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
@@ -277,7 +276,8 @@ def run_config(args):
             "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate),
             "system": args.system,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
+            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap,
+            "prompt_suffix": PROMPT_SUFFIX,
             # only when set, so that runs made before these flags existed still resume
             **{k: v for k, v in [("raw_prompt", args.raw_prompt), ("chat_template_kwargs", args.chat_template_kwargs),
                                  ("top_k", args.top_k), ("min_p", args.min_p), ("max_think_tokens", args.max_think_tokens),
@@ -368,10 +368,9 @@ def requests_for(todo, args, stop):
     for p, k in todo:
         if stop.reason:
             return
-        if args.raw_prompt:
-            yield Request(prompt=user_prompt(p["problem"]), seed=seed_of(args, p, k))
-        else:
-            yield Request(messages=system + [{"role": "user", "content": user_prompt(p["problem"])}], seed=seed_of(args, p, k))
+        text, seed = user_prompt(p["problem"]), seed_of(args, p, k)
+        yield Request(prompt=text, seed=seed) if args.raw_prompt else \
+            Request(messages=system + [{"role": "user", "content": text}], seed=seed)
 
 
 def distill(sampler, todo, params, args, files, totals, budget_left):

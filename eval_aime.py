@@ -42,15 +42,8 @@ from tqdm import tqdm
 
 import model
 import sample
-from model import UserError
+from model import PROMPT_SUFFIX, UserError, user_prompt  # the user turn (defined in model.py)
 from sample import Request
-
-PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def user_prompt(problem):
-    """The user turn: also what distill.py sends the teacher and what sft.py trains on."""
-    return f"{problem}\n\n{PROMPT_SUFFIX}"
 
 
 # ---- answer extraction ----

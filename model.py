@@ -636,6 +636,25 @@ def json_object(text):
     return value
 
 
+# ----------------------------------------------------------------------------- the loop's conversation
+# Defined once, here: the user turn eval_aime.py scores with, distill.py sends the teacher and sft.py
+# trains on; a trace's assistant turn; the cue budget forcing (sample.py) writes after "</think>".
+
+PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+ANSWER_CUE = "Final Answer: "  # s1's
+
+
+def user_prompt(problem):
+    return f"{problem}\n\n{PROMPT_SUFFIX}"
+
+
+def trace_turn(thinking, solution):
+    """A distilled trace as the assistant turn sft.py trains on. A plain teacher's answer (distill.py
+    --plain-ok) has no thinking: the solution is the whole chain."""
+    thinking = thinking.strip()
+    return (f"<think>\n{thinking}\n</think>\n\n" if thinking else "") + solution.strip()
+
+
 # ----------------------------------------------------------------------------- run manifest
 
 def sha256_file(path, chunk=1 << 20):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import model
-from model import KVCache, UserError, json_object
+from model import ANSWER_CUE, KVCache, UserError, json_object
 
 
 @dataclass
@@ -319,9 +319,6 @@ def free_memory(device):
         return float("inf")  # not Linux: no way to tell, no cap
 
 
-ANSWER_CUE = "Final Answer: "  # what budget forcing appends after "</think>" (s1 uses the same cue)
-
-
 # ---- OpenAI-compatible endpoint ----
 # The same generate/describe interface over any server that speaks the chat-completions protocol
 # (OpenAI, DeepSeek, vLLM, SGLang, llama.cpp). Standard library only: urllib + a thread pool.
@@ -577,7 +574,8 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--min-p", type=model.number(0, 1, float), default=0.0,
                    help="drop tokens below min_p x the top probability")
     names = ["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]
-    p.add_argument(*names, dest="max_new_tokens", type=model.number(1), default=max_new_tokens, help="completion length limit, reasoning included")
+    p.add_argument(*names, dest="max_new_tokens", type=model.number(1), default=max_new_tokens,
+                   help="completion length limit, reasoning included")
     p.add_argument("--max-think-tokens", type=model.number(0),
                    help="force '</think>' + an answer cue after N thinking tokens (local models)")
     p.add_argument("--min-think-tokens", type=model.number(0),

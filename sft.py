@@ -57,12 +57,10 @@ from tqdm import tqdm
 import kernels
 from model import (ArgumentParser, Config, Transformer, Tokenizer, UserError, changes, cli, folder_fingerprint,
                    json_object, load_model, number, output_lock, pick_device, pick_dtype, remove_leftovers,
-                   run_manifest, save_model, sha256_file, user_errors, write_json_atomic)
+                   run_manifest, save_model, sha256_file, trace_turn, user_errors, user_prompt, write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
-# the same user turn as eval_aime.user_prompt and distill.py (a test checks they agree)
-PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 IGNORE = -100
 # dense bf16 peak of the GPUs we know, for MFU; on other devices MFU is left out
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -223,10 +221,8 @@ def to_messages(row):
         for key in ("problem", "thinking", "solution"):
             if not isinstance(row.get(key), str) or (key != "thinking" and not row[key].strip()):
                 raise ValueError(f"trace row needs a {'' if key == 'thinking' else 'non-empty '}string {key!r}")
-        # a plain teacher's answer (distill.py --plain-ok) has no thinking: the solution is the chain
-        thinking = f"<think>\n{row['thinking'].strip()}\n</think>\n\n" if row["thinking"].strip() else ""
-        messages = [{"role": "user", "content": f"{row['problem']}\n\n{PROMPT_SUFFIX}"},
-                    {"role": "assistant", "content": thinking + row["solution"].strip()}]
+        messages = [{"role": "user", "content": user_prompt(row["problem"])},
+                    {"role": "assistant", "content": trace_turn(row["thinking"], row["solution"])}]
     else:
         raise ValueError("needs 'problem'/'thinking'/'solution', 'messages' or 'conversations'")
     for i, m in enumerate(messages):

@@ -88,7 +88,6 @@ def test_loss_mask_is_the_last_assistant_turn_and_its_end_of_turn(smollm2):
 
 def test_trace_rows_render_as_designed(smollm2):
     import eval_aime
-    assert sft.PROMPT_SUFFIX == eval_aime.PROMPT_SUFFIX
     messages = sft.to_messages({**ROWS[2], "thinking": " Three fives are fifteen.\n"})
     assert messages[0] == {"role": "user", "content": eval_aime.user_prompt(ROWS[2]["problem"])}
     assert messages[1]["content"] == "<think>\nThree fives are fifteen.\n</think>\n\nThe product is $\\boxed{15}$."
