@@ -47,7 +47,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import os
 import re
 import signal
 import sys
@@ -60,7 +59,7 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import check_answer, data_path, final_answer, load_problems, read_records, sample_seed
+from eval_aime import check_answer, data_path, final_answer, load_problems, sample_seed
 from model import PROMPT_SUFFIX, UserError, user_prompt
 from sample import Completion, EndpointError, PromptTooLong, Request
 
@@ -213,28 +212,7 @@ def make_record(p, k, seed, c, params, teacher, plain_ok=False):
                          "top_p": params.top_p, "seed": seed}}
 
 
-# ---- files: append-only, one line per answer ----
-
-class Appender:
-    """Appends JSON lines; each is written with one call, flushed and fsync'd before the next answer
-    is read (a killed process's writes survive in the page cache; fsync also covers a lost machine,
-    for a few ms per answer that took minutes to make). Opened on first use: no empty files."""
-
-    def __init__(self, path):
-        self.path, self.f = path, None
-
-    def write(self, obj):
-        if self.f is None:
-            self.f = open(self.path, "ab", buffering=0)
-        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
-        while data:
-            data = data[self.f.write(data):]
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
+# ---- files: append-only, one line per answer (model.append_record) ----
 
 def paths(out):
     return {"out": out, "rejected": Path(f"{out}.rejected.jsonl"), "errors": Path(f"{out}.errors.jsonl"),
@@ -245,7 +223,7 @@ def read_all(files):
     """Every complete record of the given files (torn last lines cut off first: check_config has made
     sure they are ours)."""
     with model.user_errors():
-        return [r for f in files for r in read_records(f, repair=True)]
+        return [r for f in files for r in model.read_records(f, repair=True)]
 
 
 def latest(records):
@@ -289,10 +267,8 @@ def check_config(files, config):
     --out made with another configuration, and files without a run.json (not ours to touch)."""
     if files["run"].exists():
         previous = json.loads(files["run"].read_text())
-        diff = model.changes(previous.get("config", {}), config)
-        if diff:
-            raise UserError(f"{files['run']} was made with a different configuration ({diff}). "
-                            "Use another --out, or the same settings to resume.")
+        model.refuse_changes(previous.get("config", {}), config, f"{files['run']} was made with a different "
+                             "configuration ({}). Use another --out, or the same settings to resume.")
         return previous
     found = [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]
     if found:
@@ -377,7 +353,6 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
     """Ask the teacher for every (problem, k) in todo; write each answer as it arrives."""
     stop, endpoint = Stop(), is_endpoint(args.teacher)
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
-    writers = {name: Appender(files[name]) for name in ("out", "rejected", "errors")}
     new = Counter()
     restore = on_signals(stop) if endpoint else (lambda: None)
     requests = requests_for(todo, args, stop)
@@ -390,13 +365,14 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
             if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
                 c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
             if isinstance(c, EndpointError):
-                writers["errors"].write({"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
-                                         "status": c.status, "attempts": c.attempts, "error": sampler.scrub(str(c)),
-                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                model.append_record(files["errors"], {"id": sample_id(p["problem"], k), "problem_id": p["id"],
+                                                      "sample": k, "status": c.status, "attempts": c.attempts,
+                                                      "error": sampler.scrub(str(c)),
+                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 new["errors"] += 1
             else:
                 r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
-                writers["out" if r["accepted"] or args.keep_all else "rejected"].write(r)
+                model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
                 new["accepted" if r["accepted"] else "rejected"] += 1
                 new["tokens"] += c.num_tokens
                 new["no_usage"] += c.num_tokens == 0
@@ -411,8 +387,6 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
     finally:
         bar.close()
         restore()
-        for w in writers.values():
-            w.close()
     return new, stop.reason
 
 

@@ -390,31 +390,11 @@ def record_files(out):
     return [out] + sorted(Path(p) for p in shards if not p.endswith(".lock"))   # not their output_lock files
 
 
-def read_records(path, repair=False):
-    """Complete lines of a records file. The text after the last newline is a line torn by a kill:
-    cut off when repair is set (by the file's own writer), otherwise ignored (another rank may be writing)."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for lineno, line in enumerate(data[:end].splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: corrupt record in the middle of the file") from None
-    return rows
-
-
 def load_records(out, own=None):
     """{(id, sample): record} over the main file and all shard files; the first copy wins."""
     done = {}
     for path in record_files(out):
-        for r in read_records(path, repair=path == own):
+        for r in model.read_records(path, repair=path == own):
             done.setdefault((r["id"], r["sample"]), r)
     return done
 
@@ -438,10 +418,8 @@ def check_config(out, config):
     mistyped --model or a missing GPU never blocks this --out."""
     path = sidecar(out, "config")
     if path.exists():
-        diff = model.changes(json.loads(path.read_text()), config)
-        if diff:
-            raise UserError(f"{out} holds samples from a different configuration ({diff}). "
-                            f"Use another --out, or delete {out}* to start over.")
+        model.refuse_changes(json.loads(path.read_text()), config, f"{out} holds samples from a different "
+                             f"configuration ({{}}). Use another --out, or delete {out}* to start over.")
         return False
     if any(p.exists() for p in record_files(out)):
         raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
@@ -478,36 +456,30 @@ def make_request(problem, k, seed, raw):
 
 
 def draw(sampler, todo, params, args, path, done, bar):
-    """Sample every (problem, k) in todo; append each record to path as it arrives, flushed, so a
-    kill loses only the samples in flight. (No fsync: a killed process's writes survive in the page cache.)"""
+    """Sample every (problem, k) in todo; append each record to path as it arrives (model.append_record),
+    so a kill loses only the samples in flight."""
     requests = [make_request(p, k, args.seed, args.raw_prompt) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
     # local model's context is recorded as a sample without an answer.
     start, tokens, failed, skipped = time.time(), 0, [], 0
-    f = open(path, "a", encoding="utf-8") if path else None
-    try:
-        for i, c in sampler.generate(requests, params, errors="yield") if requests else ():
-            p, k = todo[i]
-            if isinstance(c, sample.PromptTooLong):
-                skipped += 1
-                c = sample.Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
-            elif isinstance(c, Exception):
-                failed.append(f"{p['id']} sample {k}: {c}")
-                continue
-            r = {"id": p["id"], "sample": k, "seed": requests[i].seed, "gold": p["answer"],
-                 "extracted": final_answer(c.text, p["answer"]), "correct": check_answer(c.text, p["answer"]),
-                 "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-                 "text": c.text, "reasoning": c.reasoning, "usage": c.usage}
-            done[(p["id"], k)] = r
-            if f:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                f.flush()
-            tokens += c.num_tokens
-            bar.update(1)
-    finally:
-        if f:
-            f.close()
+    for i, c in sampler.generate(requests, params, errors="yield") if requests else ():
+        p, k = todo[i]
+        if isinstance(c, sample.PromptTooLong):
+            skipped += 1
+            c = sample.Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
+        elif isinstance(c, Exception):
+            failed.append(f"{p['id']} sample {k}: {c}")
+            continue
+        r = {"id": p["id"], "sample": k, "seed": requests[i].seed, "gold": p["answer"],
+             "extracted": final_answer(c.text, p["answer"]), "correct": check_answer(c.text, p["answer"]),
+             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+             "text": c.text, "reasoning": c.reasoning, "usage": c.usage}
+        done[(p["id"], k)] = r
+        if path:
+            model.append_record(path, r)
+        tokens += c.num_tokens
+        bar.update(1)
     if skipped:
         print(f"eval_aime.py: {skipped} samples skipped: the prompt does not fit the model's context "
               "(recorded with finish_reason prompt_too_long, scored as wrong)", file=sys.stderr)

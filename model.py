@@ -246,10 +246,15 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        """The head is the embedding matrix when the config ties them (also after load_state_dict(assign=True),
+        which breaks the tie)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, ids, positions=None, cache=None, cu_seqlens=None, return_hidden=False):
         """ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, C) with return_hidden
@@ -433,8 +438,7 @@ def load_model(folder, device="cpu", dtype=torch.float32):
         print(f"{folder}/config.json: note: quantization_config ({quant}) over floating-point weights: "
               "loading them as they are", file=sys.stderr)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
+    model.tie_weights()
     model.inv_freq = rope_frequencies(config).to(device)
     return model
 
@@ -815,6 +819,46 @@ def changes(old, new):
     """'key: old -> new; ...' over the keys whose values differ ('' if none): what a refused resume names."""
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
                      if old.get(k) != new.get(k))
+
+
+def read_records(path, repair=False):
+    """The complete lines of a JSONL records file ([] if none). The text after the last newline is a line
+    torn by a kill: cut off when repair is set (by the file's own writer), otherwise ignored (another
+    writer may be at it). A bad complete line is a ValueError naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    rows = []
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: corrupt record in the middle of the file") from None
+    return rows
+
+
+def append_record(path, obj):
+    """Append one JSON line, durably: one write call, then fsync before the caller goes on. A killed
+    process's writes survive in the page cache; fsync also covers a lost machine, for a few ms per record
+    (a sample, an answer, a step) that took far longer to make. Made on first use: no empty files."""
+    data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    with open(path, "ab", buffering=0) as f:
+        while data:
+            data = data[f.write(data):]
+        os.fsync(f.fileno())
+
+
+def refuse_changes(old, new, message):
+    """A resume with another configuration is refused: message, with {} for the differing keys."""
+    diff = changes(old, new)
+    if diff:
+        raise UserError(message.format(diff))
 
 
 def folder_fingerprint(folder):

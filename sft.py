@@ -28,7 +28,7 @@ What it does, and why:
 Output (--out DIR): DIR itself is the final model, an HF folder (config.json, model.safetensors,
 tokenizer files, run.json, metrics.jsonl) that model.load_model and transformers both load. Beside it,
 DIR/step-<N>/ are checkpoints: the same HF files plus trainer_state.pt (optimizer state gathered in
-full, so a run may resume on a different number of processes, plus step, RNG states and the settings
+full, so a run may resume on a different number of processes, plus step and the settings
 that fix the data order); a checkpoint counts once trainer_state.pt exists (written last, atomically).
 --resume continues from the newest checkpoint, leaves a finished run as it is, and refuses settings,
 data or starting weights that differ from the run's (run.json's "fingerprint" names them).
@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
@@ -55,9 +54,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import kernels
-from model import (ArgumentParser, Config, Transformer, Tokenizer, UserError, changes, cli, folder_fingerprint,
-                   json_object, load_model, number, output_lock, pick_device, pick_dtype, remove_leftovers,
-                   run_manifest, save_model, sha256_file, trace_turn, user_errors, user_prompt, write_json_atomic)
+from model import (ArgumentParser, Config, Transformer, Tokenizer, UserError, append_record, cli, folder_fingerprint,
+                   json_object, load_model, number, output_lock, pick_device, pick_dtype, refuse_changes,
+                   remove_leftovers, run_manifest, save_model, sha256_file, trace_turn, user_errors, user_prompt,
+                   write_json_atomic)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
@@ -122,8 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (autocast); weights and optimizer state stay float32. "
                         "auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--chunk-size", type=number(1), default=None, help="rows per chunk of the loss (default: about "
-                   "vocab / hidden chunks, so a chunk of logits is as big as the hidden states)")
+    p.add_argument("--chunk-size", type=number(1), default=None, help="rows (tokens) per chunk of the loss: "
+                   "a chunk's logits are chunk x vocab (default: the largest power of two with at most 2^26 logits per "
+                   "chunk, e.g. 256 rows for a 152k vocabulary)")
     return p.parse_args(argv)
 
 
@@ -378,11 +379,16 @@ def evaluate(lm, examples, micro_batches, procs):
     return total.item() / sum(examples[i].targets for rows in micro_batches for i in rows)
 
 
-def step_flops(config, matmul_params, doc_lengths):
-    """Model FLOPs of one training step: 6 per matmul parameter per token, plus causal attention per
-    document (forward 2 * H * D * L^2 per layer, backward 2.5x that). Recomputation is not counted."""
-    attn = 3.5 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
-    return 6 * matmul_params * sum(doc_lengths) + attn * sum(n * n for n in doc_lengths)
+def step_flops(config, doc_lengths):
+    """Model FLOPs of one training step (bench/sft.py's MFU too): 6 per matmul weight per token (the
+    head counts even when tied; the embedding lookup is no matmul), plus causal attention per document
+    (forward 2 * H * D * L^2 per layer, backward 2.5x that). Recomputation is not counted."""
+    c, D = config, config.head_dim
+    per_layer = c.hidden_size * D * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) \
+        + 3 * c.hidden_size * c.intermediate_size
+    matmul_weights = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    attn = 3.5 * 2 * c.num_hidden_layers * c.num_attention_heads * D
+    return 6 * matmul_weights * sum(doc_lengths) + attn * sum(n * n for n in doc_lengths)
 
 
 def peak_memory_gb(device):
@@ -395,10 +401,7 @@ class Meter:
     """Throughput, MFU (on GPUs whose peak we know) and peak memory of a step."""
 
     def __init__(self, lm, procs):
-        config = self.config = lm.model.config
-        self.matmul_params = sum(p.numel() for n, p in lm.model.named_parameters() if p.dim() == 2 and "embed" not in n)
-        if config.tie_word_embeddings:
-            self.matmul_params += config.vocab_size * config.hidden_size  # the head is a matmul even when tied
+        self.config = lm.model.config
         self.device, self.world = procs.device, procs.world
         name = torch.cuda.get_device_name(procs.device) if procs.device.type == "cuda" else ""
         self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -407,7 +410,7 @@ class Meter:
         record = {"tokens_per_s": round(sum(doc_lengths) / seconds, 1),
                   "peak_mem_gb": round(peak_memory_gb(self.device), 3)}
         if self.peak:
-            flops = step_flops(self.config, self.matmul_params, doc_lengths)
+            flops = step_flops(self.config, doc_lengths)
             record["mfu"] = round(flops / (seconds * self.peak * self.world), 4)
         return record
 
@@ -436,8 +439,7 @@ def write_model(model_state, config, folder, tokenizer_from, manifest):
         model = Transformer(config)
     state = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
     model.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     return save_model(model, folder, tokenizer_from=tokenizer_from, extra_files={"run.json": manifest})
 
 
@@ -491,25 +493,12 @@ def run_fingerprint(args, dtype):
 
 
 def restore(ckpt, optimizer, lm):
-    """Load trainer_state.pt of a checkpoint into the optimizer and the RNGs; returns the state."""
+    """Load trainer_state.pt of a checkpoint into the optimizer; returns the state. (No RNG state: nothing
+    in a step draws random numbers: no dropout, and the data order comes from the seed.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     set_optimizer_state_dict(lm, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    random.setstate(state["rng"]["python"])
     return state
-
-
-def rng_states():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "python": random.getstate()}
-
-
-def append_metrics(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(path, step):
@@ -557,10 +546,9 @@ def starting_point(args, out, fingerprint, say):
     if source is None:
         say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
         return None
-    diff = changes(json.loads((source / "run.json").read_text()).get("fingerprint", {}), fingerprint)
-    if diff:
-        raise UserError(f"--resume: {source} was made with settings that change the result ({diff}). "
-                        "Use the same settings, or another --out")
+    refuse_changes(json.loads((source / "run.json").read_text()).get("fingerprint", {}), fingerprint,
+                   f"--resume: {source} was made with settings that change the result ({{}}). "
+                   "Use the same settings, or another --out")
     return "finished" if source == out else source
 
 
@@ -655,7 +643,7 @@ def train(args, procs, out):
         eval_loss = evaluate(lm, *held_out, procs)
         say(f"step 0: eval_loss {eval_loss:.4f}")
         if procs.rank == 0:
-            append_metrics(metrics_path, {"step": 0, "eval_loss": eval_loss})
+            append_record(metrics_path, {"step": 0, "eval_loss": eval_loss})
 
     # the loop
     bar = tqdm(total=total, initial=start, disable=procs.rank != 0, dynamic_ncols=True)
@@ -683,12 +671,12 @@ def train(args, procs, out):
         if held_out and (step + 1 == total or args.eval_every and (step + 1) % args.eval_every == 0):
             record["eval_loss"] = eval_loss = evaluate(lm, *held_out, procs)
         if procs.rank == 0:
-            append_metrics(metrics_path, record)
+            append_record(metrics_path, record)
             bar.update(1)
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             state = {"step": step + 1, "epoch": epoch, "fingerprint": fingerprint, "progress": progress,
-                     "rng": rng_states(), "last_metrics": record}
+                     "last_metrics": record}
             last_ckpt = save_checkpoint(lm, optimizer, out, step + 1, state, manifest, args, procs)
     bar.close()
 

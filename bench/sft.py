@@ -156,13 +156,12 @@ def main():
           f"{args.rounds} round(s) x {args.steps} timed steps each, grad checkpointing {'on' if args.grad_checkpointing else 'off'}")
     print(f"{'T':>6} {'dtype':>9} | {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} | {'ours GB':>8} {'hf GB':>7} "
           f"{'ratio':>6} | {'loss ours':>9} {'loss hf':>8}")
-    if results[0]["device"] != "cpu":  # model FLOPs utilization: 6 FLOPs per matmul weight per token, plus causal attention
-        c = json.loads((Path(args.model) / "config.json").read_text())
-        D = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        kv, L, H = c["num_key_value_heads"], c["num_hidden_layers"], c["hidden_size"]
-        weights = L * (H * D * (2 * c["num_attention_heads"] + 2 * kv) + 3 * H * c["intermediate_size"]) + H * c["vocab_size"]
+    if results[0]["device"] != "cpu":  # model FLOPs utilization, counted as sft.py counts it
+        import sft
+        from model import Config
+        config = Config.from_json(Path(args.model) / "config.json")
         for r in results:
-            flops = 6 * weights + 6 * L * r["T"] * c["num_attention_heads"] * D  # per token; 12 L T d halved by causality
+            flops = sft.step_flops(config, [r["T"]]) / r["T"]  # per token
             for i in args.impls:
                 r[f"{i}_mfu"] = r[f"{i}_tok_s"] * flops / (args.peak_tflops * 1e12)
             print(f"  T={r['T']} {r['dtype']}: MFU " + ", ".join(f"{i} {r[f'{i}_mfu']:.1%}" for i in args.impls)

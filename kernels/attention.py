@@ -26,8 +26,8 @@ mask; the blocks that every row sees in full run without it.
 
 Layout: SDPA's, q (B, Hq, T, D), k and v (B, Hkv, T, D), any strides as long as the last one is 1
 (otherwise the tensor is copied). The output is stored as (B, T, Hq, D) memory and returned as a
-(B, Hq, T, D) view, so merging the heads afterwards is free. The Triton path takes Tq == Tk only;
-decoding uses SDPA (Tq != Tk, a KV cache: the causal mask is aligned bottom-right). `attention_ref`,
+(B, Hq, T, D) view, so merging the heads afterwards is free. Both paths take Tq == Tk only: decoding
+with a KV cache is model.attention's, through SDPA and a mask of each row's positions. `attention_ref`,
 plain SDPA, is the CPU path and the test oracle.
 """
 import math
@@ -74,8 +74,8 @@ def _check(q, k, v, cu_seqlens):
         raise ValueError(f"head dims differ: q has {D}, k and v have {Dk}")
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads is not a multiple of {Hkv} key/value heads")
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
+    if Tq != Tk:  # decoding with a KV cache is model.attention's, through SDPA with its own mask
+        raise ValueError(f"as many queries as keys, got {Tq} queries and {Tk} keys")
     if cu_seqlens is None:
         return
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -84,8 +84,6 @@ def _check(q, k, v, cu_seqlens):
         raise ValueError(f"cu_seqlens on {cu_seqlens.device}, q on {q.device}")
     if B != 1:
         raise ValueError(f"cu_seqlens packs documents along one row: needs B == 1, got B = {B}")
-    if Tq != Tk:
-        raise ValueError("cu_seqlens needs as many queries as keys (no KV cache)")
     if _is_last_cu_seqlens(cu_seqlens, Tq):
         return
     cuts = cu_seqlens.tolist()  # a device->host copy: once per batch, see _last_cu_seqlens
@@ -107,12 +105,6 @@ def _is_last_cu_seqlens(cu_seqlens, T):
 
 
 def _sdpa(q, k, v, causal):
-    Tq, Tk = q.shape[2], k.shape[2]
-    if causal and Tq != Tk:
-        # with a KV cache query i sits at position i + Tk - Tq: the mask is aligned bottom-right,
-        # while SDPA's is_causal is aligned top-left, so build it
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)  # (Tq, Tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
 
@@ -508,10 +500,8 @@ class _Attention(torch.autograd.Function):
 
 
 def attention_triton(q, k, v, causal=True, cu_seqlens=None):
-    """Triton attention for Tq == Tk (training, prefill); decoding (Tq != Tk) uses SDPA."""
+    """Triton attention (training, prefill, scoring: Tq == Tk)."""
     _check(q, k, v, cu_seqlens)
-    if q.shape[2] != k.shape[2]:
-        return _sdpa(q, k, v, causal)
     if q.shape[-1] not in (16, 32, 64, 128):
         raise ValueError(f"head dim {q.shape[-1]} unsupported by the Triton kernel: use 16, 32, 64 or 128")
     # the kernels take any strides but a unit last one (whole rows are loaded as vectors)

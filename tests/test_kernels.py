@@ -131,19 +131,12 @@ def test_attention_ref_packed_equals_block_diagonal_mask():
     torch.testing.assert_close(attention_ref(q, k, v, True, cu), dense)
 
 
-def test_attention_decoding_is_bottom_right_causal():
-    """Tq < Tk (a KV cache): query i is position i + Tk - Tq; both paths answer with SDPA."""
-    q, k, v, _ = qkv(1, 4, 2, 20, 64, torch.float32, seed=3)
-    full = attention_ref(q, k, v, causal=True)
-    for fn in (attention_ref, attention_triton):
-        torch.testing.assert_close(fn(q[:, :, -3:], k, v, causal=True), full[:, :, -3:])
-        torch.testing.assert_close(fn(q[:, :, -1:], k, v, causal=True), full[:, :, -1:])
-
-
 def _bad_inputs():
     q, k, v, _ = qkv(1, 4, 2, 17, 64, torch.float32)
     cu = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
     return {
+        "fewer queries than keys (decoding is model.attention's)": (ValueError, "as many queries as keys",
+                                                                    (q[:, :, -3:], k, v, True, None)),
         "cu_seqlens not starting at 0": (ValueError, "start at 0", (q, k, v, True, cu([1, 5, 17]))),
         "cu_seqlens decreasing": (ValueError, "non-decreasing", (q, k, v, True, cu([0, 9, 5, 17]))),
         "cu_seqlens not ending at T": (ValueError, "end at T", (q, k, v, True, cu([0, 5, 16]))),

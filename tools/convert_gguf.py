@@ -108,8 +108,7 @@ def convert(gguf_path, out):
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
 
     tok_files = tokenizer_files(reader, tokens, bos, eos, config.max_position_embeddings)
     tok_files["generation_config.json"] = {"bos_token_id": bos, "eos_token_id": eos,
