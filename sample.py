@@ -165,7 +165,9 @@ class LocalSampler:
     def generate(self, requests, params, on_token=None, errors="raise"):
         """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
         request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
-        the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches."""
+        the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches.
+        Each round: admit waiting prompts into free rows, pick every row's next token, retire the rows
+        that finished, decode one token for the rest."""
         requests = list(requests)
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
@@ -184,59 +186,69 @@ class LocalSampler:
         groups = {}  # identical prompts prefill once
         for i, p in prompts.items():
             groups.setdefault(tuple(p), []).append(i)
-        waiting = list(groups.items())
-        B = min(self.batch_size, len(prompts))
-        cache = self.cache(B, max_len)
-        B = cache.batch_size  # fewer rows when memory is short
+        waiting = [(prompt, [Row(i, requests[i], len(prompt), opened[i]) for i in indices])
+                   for prompt, indices in groups.items()]
+        cache = self.cache(min(self.batch_size, len(prompts)), max_len)  # fewer rows when memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
-            # refill free slots with waiting prompts: one prefill each, copied to its rows
-            while waiting and len(rows) < B:
-                prompt, indices = waiting[0]
-                take, rest = indices[:B - len(rows)], indices[B - len(rows):]
-                if rest:
-                    waiting[0] = (prompt, rest)
-                else:
-                    waiting.pop(0)
-                first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
-                rows += [Row(i, requests[i], len(prompt), opened[i]) for i in take]
-                logits = torch.cat([logits, first.expand(len(take), -1)])
-            tokens = self.choose(rows, logits, params)
-            done = []
-            for slot, (row, t) in enumerate(zip(rows, tokens)):
-                row.tokens.append(t)
-                if on_token:
-                    on_token(row.index, t)
-                if row.thinking and row.tokens[-len(self.think_end):] == self.think_end:
-                    row.thinking = False
-                if t in self.stop_ids and not row.forced:
-                    done.append((slot, "stop"))
-                elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
-                    done.append((slot, "length"))
-            for slot, reason in reversed(done):  # finished rows leave; the last row moves into the gap
-                row = rows[slot]
-                yield row.index, self.completion(row, reason)
-                last = len(rows) - 1
-                if slot != last:
-                    cache.copy_rows(last, [slot], rows[last].position)
-                    rows[slot] = rows[last]
-                rows.pop()
-            if not rows:
-                logits = logits[:0]
-                continue
-            ids = [r.tokens[-1] for r in rows]
-            positions = [r.position - 1 for r in rows]
-            if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
-                ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
-                cache.rows, cache.length = B, None
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-            else:
-                cache.rows, cache.length = len(rows), max(positions) + 1
-            ids = torch.tensor(ids, device=self.device)[:, None]                        # (B, 1)
-            positions = torch.tensor(positions, device=self.device)[:, None]            # (B, 1)
-            logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
-            if self.compile:
-                logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+            logits = self.admit(waiting, rows, cache, logits)
+            for slot, reason in reversed(self.step(rows, logits, params, max_len, on_token)):
+                yield self.retire(rows, slot, reason, cache)
+            logits = self.decode(rows, cache)
+
+    def admit(self, waiting, rows, cache, logits):
+        """Fill free rows with waiting prompts: one prefill each, copied to its rows. -> logits (B, V)"""
+        while waiting and len(rows) < cache.batch_size:
+            prompt, new = waiting[0]
+            take, waiting[0] = new[:cache.batch_size - len(rows)], (prompt, new[cache.batch_size - len(rows):])
+            if not waiting[0][1]:
+                waiting.pop(0)
+            first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
+            rows += take
+            logits = torch.cat([logits, first.expand(len(take), -1)])
+        return logits
+
+    def step(self, rows, logits, params, max_len, on_token):
+        """Every row's next token. -> [(slot, finish reason)] of the rows that finished."""
+        done = []
+        for slot, (row, t) in enumerate(zip(rows, self.choose(rows, logits, params))):
+            row.tokens.append(t)
+            if on_token:
+                on_token(row.index, t)
+            if row.thinking and row.tokens[-len(self.think_end):] == self.think_end:
+                row.thinking = False
+            if t in self.stop_ids and not row.forced:
+                done.append((slot, "stop"))
+            elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
+                done.append((slot, "length"))
+        return done
+
+    def retire(self, rows, slot, reason, cache):
+        """A finished row leaves; the last row moves into its place. -> (index, Completion)"""
+        row, last = rows[slot], len(rows) - 1
+        if slot != last:
+            cache.copy_rows(last, [slot], rows[last].position)
+            rows[slot] = rows[last]
+        rows.pop()
+        return row.index, self.completion(row, reason)
+
+    def decode(self, rows, cache):
+        """One token for every row, each at its own position. -> logits (B, V)"""
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        B = cache.batch_size
+        ids = [r.tokens[-1] for r in rows]
+        positions = [r.position - 1 for r in rows]
+        if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
+            ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
+            cache.rows, cache.length = B, None
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+        else:
+            cache.rows, cache.length = len(rows), max(positions) + 1
+        ids = torch.tensor(ids, device=self.device)[:, None]                        # (B, 1)
+        positions = torch.tensor(positions, device=self.device)[:, None]            # (B, 1)
+        logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
+        return logits.clone() if self.compile else logits  # a CUDA graph's output is overwritten by its next replay
 
     def cache(self, B, max_len):
         """A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
