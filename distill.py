@@ -340,13 +340,10 @@ def on_signals(stop):
 def requests_for(todo, args, stop):
     """Requests made only as the sampler asks for them, so that a stop sends nothing more: the
     endpoint sampler pulls the next request only when one of its `concurrency` slots frees up."""
-    system = [{"role": "system", "content": args.system}] if args.system else []
     for p, k in todo:
         if stop.reason:
             return
-        text, seed = user_prompt(p["problem"]), seed_of(args, p, k)
-        yield Request(prompt=text, seed=seed) if args.raw_prompt else \
-            Request(messages=system + [{"role": "user", "content": text}], seed=seed)
+        yield Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
 
 
 def distill(sampler, todo, params, args, files, totals, budget_left):

@@ -450,9 +450,7 @@ def merge(out, done, problems):
 # ---- sampling ----
 
 def make_request(problem, k, seed, raw):
-    text = user_prompt(problem["problem"])
-    s = sample_seed(seed, problem["id"], k)
-    return Request(prompt=text, seed=s) if raw else Request(messages=[{"role": "user", "content": text}], seed=s)
+    return Request.user(user_prompt(problem["problem"]), sample_seed(seed, problem["id"], k), raw)
 
 
 def draw(sampler, todo, params, args, path, done, bar):

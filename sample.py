@@ -48,6 +48,14 @@ class Request:
     prompt: str | None = None
     seed: int = 0
 
+    @classmethod
+    def user(cls, text, seed=0, raw=False, system=None):
+        """One user turn: the text as it is with raw (no chat template), else a chat, after a system turn if given."""
+        if raw:
+            return cls(prompt=text, seed=seed)
+        turns = [{"role": "system", "content": system}] if system else []
+        return cls(messages=turns + [{"role": "user", "content": text}], seed=seed)
+
 
 @dataclass
 class Completion:
@@ -633,8 +641,8 @@ def main(argv=None):
         p.error("give --model DIR or --base-url URL --api-model NAME")
     sampler = sampler_from_args(args)
     chat = args.chat or args.base_url is not None
-    requests = [Request(messages=[{"role": "user", "content": args.prompt}] if chat else None,
-                        prompt=None if chat else args.prompt, seed=args.seed + j) for j in range(args.num_samples)]
+    # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs)
+    requests = [Request.user(args.prompt, args.seed + j, raw=not chat) for j in range(args.num_samples)]
     params = sampling_params(args)
     stream = not args.json and args.num_samples == 1 and args.temperature == 0 and args.base_url is None
     shown = []
