@@ -257,9 +257,9 @@ def run_config(args):
             "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap,
             "prompt_suffix": PROMPT_SUFFIX,
             # only when set, so that runs made before these flags existed still resume
-            **{k: v for k, v in [("raw_prompt", args.raw_prompt), ("chat_template_kwargs", args.chat_template_kwargs),
-                                 ("top_k", args.top_k), ("min_p", args.min_p), ("max_think_tokens", args.max_think_tokens),
-                                 ("min_think_tokens", args.min_think_tokens)] if v}}
+            **{k: getattr(args, k) for k in ("raw_prompt", "chat_template_kwargs", "top_k", "min_p")
+               if getattr(args, k)},
+            **{k: getattr(args, k) for k in ("max_think_tokens", "min_think_tokens") if getattr(args, k) is not None}}
 
 
 def check_config(files, config):

@@ -329,6 +329,11 @@ def test_distill_resume_keeps_the_decontamination_sets(tmp_path, data_dir):
         with pytest.raises(SystemExit, match="decontaminate"):
             distill.main(argv + ["--teacher", server.base_url, "--samples-per-problem", "2"])
         assert len(server.requests) == 1            # the evaluation problem was never sent
+        # the sampling flags distill.py shares with eval_aime.py change a trace too: a resume with one is refused
+        with pytest.raises(SystemExit, match="top_k: None -> 5"):
+            distill.main(argv + ["--teacher", server.base_url, "--decontaminate", str(data_dir / "aime24.jsonl"),
+                                 "--top-k", "5"])
+        assert len(server.requests) == 1
 
 
 def test_kv_cache_takes_the_rows_that_fit_and_says_so(tiny, monkeypatch, capsys):
