@@ -630,7 +630,6 @@ def chat_environment():
 
 def json_object(text):
     """The argparse type of --chat-template-kwargs: a JSON object."""
-    import argparse
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -594,7 +594,7 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--min-p", type=model.number(0, 1, float), default=0.0,
                    help="drop tokens below min_p x the top probability")
     names = ["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]
-    p.add_argument(*names, dest="max_new_tokens", type=model.number(1), default=max_new_tokens,
+    p.add_argument(*names, dest="max_new_tokens", metavar="N", type=model.number(1), default=max_new_tokens,
                    help="completion length limit, reasoning included")
     p.add_argument("--max-think-tokens", type=model.number(0),
                    help="force '</think>' + an answer cue after N thinking tokens (local models)")
