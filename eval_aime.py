@@ -409,7 +409,8 @@ def run_config(args, params):
             "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
             **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype,
             # only when given, so that runs made before the flag existed still resume
-            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {})}
+            **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}),
+            "system": args.system}
 
 
 def check_config(out, config):
@@ -449,14 +450,14 @@ def merge(out, done, problems):
 
 # ---- sampling ----
 
-def make_request(problem, k, seed, raw):
-    return Request.user(user_prompt(problem["problem"]), sample_seed(seed, problem["id"], k), raw)
+def make_request(problem, k, seed, raw, system=None):
+    return Request.user(user_prompt(problem["problem"]), sample_seed(seed, problem["id"], k), raw, system)
 
 
 def draw(sampler, todo, params, args, path, done, bar):
     """Sample every (problem, k) in todo; append each record to path as it arrives (model.append_record),
     so a kill loses only the samples in flight."""
-    requests = [make_request(p, k, args.seed, args.raw_prompt) for p, k in todo]
+    requests = [make_request(p, k, args.seed, args.raw_prompt, args.system) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
     # local model's context is recorded as a sample without an answer.
@@ -512,7 +513,8 @@ def report(metrics, per_problem, stats, args):
     m, se = metrics, metrics["pass@1_stderr"]
     who = args.model or (f"{args.api_model} at {args.base_url}" if args.base_url else "(given sampler)")
     print(f"{who} on {args.data}: {m['problems']} problems x {m['samples_per_problem']} samples, "
-          f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}\n")
+          f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}"
+          f"{' (with a --system message)' if args.system else ''}\n")
     wid, wgold = (max(least, *(len(str(pp[k])) for pp in per_problem)) for k, least in (("id", 14), ("gold", 5)))
     print(f"{'id':<{wid}} {'gold':>{wgold}} {'correct':>8}  votes")
     for pp in per_problem:
@@ -547,6 +549,8 @@ def build_parser():
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
+    ap.add_argument("--system", help="a system message before each problem, e.g. a teacher's prompt from its "
+                    "distill.py run.json, to score it exactly as it was prompted (default: none, as users prompt)")
     ap.add_argument("--limit", type=model.number(1), help="score only the first N problems")
     ap.add_argument("--out", help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
@@ -588,6 +592,8 @@ def main(argv=None, sampler=None):
     args.data = data_path(args.data)
     if sampler is None and not args.model and not (args.base_url and args.api_model):
         ap.error("give --model DIR, or --base-url URL and --api-model NAME")
+    if args.system and args.raw_prompt:
+        ap.error("--system needs the chat template: drop --raw-prompt")
     if args.temperature == 0 and args.samples > 1 and args.model:
         print("eval_aime.py: --temperature 0 is greedy: a local model gives K identical samples; "
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
