@@ -286,7 +286,7 @@ def run_config(args, params):
             "model": str(Path(args.model).resolve()) if args.model else None,
             "model_fingerprint": model_fingerprint(args.model),
             "base_url": args.base_url, "api_model": args.api_model,
-            "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
+            "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX, "system": args.system,
             **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype}
 
 
@@ -326,16 +326,19 @@ def merge(out, done, problems):
 
 # ---- sampling ----
 
-def make_request(problem, k, seed, raw):
+def make_request(problem, k, seed, raw, system=None):
     text = user_prompt(problem["problem"])
     s = sample_seed(seed, problem["id"], k)
-    return Request(prompt=text, seed=s) if raw else Request(messages=[{"role": "user", "content": text}], seed=s)
+    if raw:
+        return Request(prompt=text, seed=s)
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return Request(messages=system_turn + [{"role": "user", "content": text}], seed=s)
 
 
 def draw(sampler, todo, params, args, path, done, bar):
     """Sample every (problem, k) in todo; append each record to path as it arrives, flushed, so a
     kill loses only the samples in flight. (No fsync: a killed process's writes survive in the page cache.)"""
-    requests = [make_request(p, k, args.seed, args.raw_prompt) for p, k in todo]
+    requests = [make_request(p, k, args.seed, args.raw_prompt, args.system) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones.
     kw = {"errors": "yield"} if isinstance(sampler, sample.EndpointSampler) else {}
@@ -392,7 +395,8 @@ def report(metrics, per_problem, stats, args):
     m, se = metrics, metrics["pass@1_stderr"]
     who = args.model or (f"{args.api_model} at {args.base_url}" if args.base_url else "(given sampler)")
     print(f"{who} on {args.data}: {m['problems']} problems x {m['samples_per_problem']} samples, "
-          f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}\n")
+          f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}"
+          f"{' (with a --system message)' if args.system else ''}\n")
     print(f"{'id':<14} {'gold':>5} {'correct':>8}  votes")
     for pp in per_problem:
         votes = ", ".join(f"{a} x{n}" for a, n in pp["votes"].items())
@@ -419,6 +423,8 @@ def build_parser():
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=int, default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
+    ap.add_argument("--system", help="a system message before each problem, e.g. a teacher's prompt from its "
+                    "distill.py run.json, to score it exactly as it was prompted (default: none, as users prompt)")
     ap.add_argument("--limit", type=int, help="score only the first N problems")
     ap.add_argument("--out", help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
@@ -464,6 +470,8 @@ def main(argv=None, sampler=None):
         ap.error("give --model DIR, or --base-url URL and --api-model NAME")
     if args.samples < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         ap.error("need --samples >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if args.system and args.raw_prompt:
+        ap.error("--system needs the chat template: drop --raw-prompt")
     if args.temperature == 0 and args.samples > 1 and args.model:
         print("eval_aime.py: --temperature 0 is greedy: a local model gives K identical samples; "
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)

@@ -149,6 +149,28 @@ def test_different_configuration_is_refused(tmp_path):
         score(out, "--samples", "4")
 
 
+class Recorder(FakeSampler):
+    def generate(self, requests, params):
+        self.requests = list(requests)
+        yield from super().generate(requests, params)
+
+
+def test_system_message_comes_first_and_is_part_of_the_configuration(tmp_path, capsys):
+    plain, teacher = Recorder(), Recorder()
+    assert score(tmp_path / "plain.jsonl", "--samples", "2", sampler=plain)["config"]["system"] is None
+    assert all([m["role"] for m in r.messages] == ["user"] for r in plain.requests)
+    out = tmp_path / "teacher.jsonl"
+    s = score(out, "--samples", "2", "--system", "Box it.", sampler=teacher)
+    assert s["config"]["system"] == "Box it." and len(teacher.requests) == 6
+    assert all(r.messages[0] == {"role": "system", "content": "Box it."} and r.messages[1:] == p.messages
+               for r, p in zip(teacher.requests, plain.requests))
+    with pytest.raises(SystemExit, match=r"system: 'Box it\.' -> None"):
+        score(out, "--samples", "2")                     # samples drawn with another prompt are not mixed in
+    with pytest.raises(SystemExit) as refused:
+        score(tmp_path / "raw.jsonl", "--raw-prompt", "--system", "Box it.")
+    assert refused.value.code == 2 and "--system" in capsys.readouterr().err
+
+
 def test_shards_merge_to_the_single_run(tmp_path, monkeypatch):
     single = score(tmp_path / "single.jsonl", "--samples", "4")
     out = tmp_path / "sharded.jsonl"
