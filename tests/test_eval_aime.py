@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import eval_aime
+import model
 from eval_aime import load_problems, summarize, user_prompt
 from openai_server import OpenAIServer, error, reply, user_text
 from sample import Completion
@@ -147,6 +148,27 @@ def test_different_configuration_is_refused(tmp_path):
     Path(f"{out}.config.json").unlink()
     with pytest.raises(SystemExit, match="cannot tell how those samples were made"):
         score(out, "--samples", "4")
+
+
+class Recorder(FakeSampler):
+    def generate(self, requests, params, **kw):
+        self.requests = list(requests)
+        yield from super().generate(requests, params, **kw)
+
+
+def test_system_message_comes_first_and_is_part_of_the_configuration(tmp_path, capsys):
+    plain, teacher = Recorder(), Recorder()
+    assert score(tmp_path / "plain.jsonl", "--samples", "2", sampler=plain)["config"]["system"] is None
+    assert all([m["role"] for m in r.messages] == ["user"] for r in plain.requests)
+    out = tmp_path / "teacher.jsonl"
+    s = score(out, "--samples", "2", "--system", "Box it.", sampler=teacher)
+    assert s["config"]["system"] == "Box it." and len(teacher.requests) == 6
+    assert all(r.messages[0] == {"role": "system", "content": "Box it."} and r.messages[1:] == p.messages
+               for r, p in zip(teacher.requests, plain.requests))
+    with pytest.raises(SystemExit, match=r"system: 'Box it\.' -> None"):
+        score(out, "--samples", "2")                     # samples drawn with another prompt are not mixed in
+    with pytest.raises(model.UserError, match="--system needs the chat template"):   # one line, exit 2 under cli()
+        score(tmp_path / "raw.jsonl", "--raw-prompt", "--system", "Box it.")
 
 
 def test_shards_merge_to_the_single_run(tmp_path, monkeypatch):

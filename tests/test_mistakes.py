@@ -395,7 +395,8 @@ def test_loop_says_when_no_chain_is_kept_and_a_rerun_resumes(tmp_path, tiny, mon
     (student / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))  # loop's --max-len
 
     def in_process(cmd, log):                      # loop's steps, run in this process (same argv)
-        main = {"distill.py": distill.main, "sft.py": sft.main, "eval_aime.py": eval_aime.main}[cmd[1]]
+        main = {"distill.py": distill.main, "sft.py": sft.main, "eval_aime.py": eval_aime.main,
+                "tools/plot.py": lambda argv: None}[cmd[1]]
         main([str(c) for c in cmd[2:]])
         return 0.0
     monkeypatch.setattr(loop, "run", in_process)
@@ -411,7 +412,7 @@ def test_loop_says_when_no_chain_is_kept_and_a_rerun_resumes(tmp_path, tiny, mon
     write_jsonl(out / "traces.jsonl", [row])       # as if the teacher had solved one
     loop.main(argv)
     files = {p: p.read_bytes() for p in out.rglob("*")         # all but what each run rewrites: logs and summaries
-             if p.is_file() and not p.name.endswith(("summary.json", ".log", "traces.jsonl.run.json"))}
+             if p.is_file() and not p.name.endswith(("summary.json", ".log", "traces.jsonl.run.json", "report.json"))}
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     loop.main(argv)                                # the same command again: every step resumes, nothing is redone
     assert {p: p.read_bytes() for p in files} == files
