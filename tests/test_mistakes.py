@@ -24,25 +24,13 @@ import eval_aime
 import loop
 import sample
 import sft
-from conftest import REPO, make_hf_model
+from conftest import REPO, make_hf_model, write_jsonl
 from openai_server import OpenAIServer
 from sample import Completion, LocalSampler, Request, SamplingParams
 
 TRACES = [{"id": f"t{i}", "problem": f"What is {i} + {i}?", "thinking": f"{i} and {i} make {2 * i}.",
            "solution": f"So $\\boxed{{{2 * i}}}$.", "answer": 2 * i} for i in range(1, 5)]
 FAST = ["--chunk-size", "256", "--device", "cpu"]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_tokenizer):
-    """A 2-layer llama with a 256-token context."""
-    return make_hf_model(tmp_path_factory.mktemp("tiny") / "llama", n_head=2, n_kv=1, head_dim=16,
-                         tokenizer_from=smollm2_tokenizer)
 
 
 @pytest.fixture

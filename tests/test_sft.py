@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import sft
-from conftest import REPO, make_hf_model
+from conftest import REPO, make_hf_model, write_jsonl
 from model import Tokenizer, load_model
 
 ROWS = [  # every input format, several turns, a system prompt
@@ -36,18 +36,6 @@ ROWS = [  # every input format, several turns, a system prompt
                        {"from": "gpt", "value": "1, 2, 3, 4, 5."}]},
 ]
 FAST = ["--chunk-size", "256"]  # the default chunking suits real widths; at hidden size 32 it would be 1 row per chunk
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2):
-    """A 2-layer llama (hidden 32, untied) with SmolLM2's tokenizer and chat template."""
-    return make_hf_model(tmp_path_factory.mktemp("tiny") / "llama", n_head=2, n_kv=1, head_dim=16,
-                         tokenizer_from=smollm2)
 
 
 @pytest.fixture(scope="module")
