@@ -33,7 +33,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
 # do not know (named once on stderr, then loaded).
 UNSUPPORTED = {
     "use_sliding_window": (bool, "sliding-window attention is not implemented"),
-    "layer_types": (lambda v: any(t != "full_attention" for t in v or ()), "only full-attention layers are implemented"),
+    "layer_types": (lambda v: any(t != "full_attention" for t in v), "only full-attention layers are implemented"),
     "hidden_act": (lambda v: v != "silu", "only SiLU (SwiGLU) MLPs are implemented"),
     "mlp_bias": (bool, "MLP biases are not implemented"),
     "attention_dropout": (bool, "attention dropout is not implemented (training would silently differ)"),
@@ -78,17 +78,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        d = dict(d)
+        d = {k: v for k, v in d.items() if v is not None}  # a key set to null sets nothing
         if d.get("model_type") not in FAMILIES:
             raise ValueError(f"{source}: model_type={d.get('model_type')!r} is not supported "
                              f"(supported: {', '.join(FAMILIES)})")
         if isinstance(d.get("rope_parameters"), dict):  # transformers >= 5: rope_theta and rope_scaling in one dict
             rp = dict(d["rope_parameters"])
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
-            d.setdefault("rope_scaling", rp if rp.get("rope_type", "default") != "default" else None)
+            if rp.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", rp)
         if d["model_type"] == "qwen2":
             d.pop("attention_bias", None)  # transformers' Qwen2 ignores it: q/k/v always have a bias, o never
-        refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if d.get(k) is not None and bad(d[k])]
+        refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if k in d and bad(d[k])]
         if refused:
             raise ValueError(f"{source}: not supported: " + "; ".join(refused))
         scaling = d.get("rope_scaling") or {}
@@ -148,8 +149,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.head_dim = layer_idx, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
         C, bias = config.hidden_size, config.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
@@ -280,9 +281,8 @@ class KVCache:
 
     def write(self, rows, other):
         """Copy all of another cache's row 0 (a prefill) into `rows`."""
-        n = other.max_len
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
-            mine[rows, :, :n] = theirs[:1]
+            mine[rows, :, :other.max_len] = theirs[:1]
 
     def copy_rows(self, src_row, dst_rows, length):
         """Copy one row's first `length` positions to other rows (prefill once, sample n times)."""
@@ -342,7 +342,8 @@ def read_safetensors(path, dtype, device, quantization=None, chunk_bytes=64 << 2
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
         header.pop("__metadata__", None)
-        storage = None
+        # the tensors that need no conversion are views into one private (copy-on-write) map of the file
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if str(device) == "cpu" else None
         for name, info in header.items():
             src = ST_DTYPES.get(info["dtype"])
             if src is None:  # a decoder's weights are floats: anything else is packed quantized blocks
@@ -353,8 +354,6 @@ def read_safetensors(path, dtype, device, quantization=None, chunk_bytes=64 << 2
             if end > size or end - begin != math.prod(info["shape"]) * src.itemsize:
                 raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
             if src == dtype and str(device) == "cpu" and begin % src.itemsize == 0:
-                if storage is None:
-                    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE
                 yield name, torch.empty(0, dtype=src).set_(storage, begin // src.itemsize, info["shape"])
                 continue
             out = torch.empty(info["shape"], dtype=dtype, device=device)
@@ -419,7 +418,7 @@ def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_b
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
     try:
         write_json_atomic(tmp / "config.json", {**asdict(config), "architectures": [FAMILIES[config.model_type]],
-                                                "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
+                          "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
         shards = [{}]  # in state order, a new shard whenever the next tensor would overflow this one
@@ -467,7 +466,8 @@ class Tokenizer:
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer is needed to encode prompts)")
         self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
@@ -497,10 +497,6 @@ class Tokenizer:
                 stop.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(stop - {None})
 
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
-
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -510,16 +506,15 @@ class Tokenizer:
     def token_id(self, text):
         """The id of a single token (e.g. '</think>'), or None if the text is not one token."""
         tid = self.tok.token_to_id(text)
-        if tid is None:
-            ids = self.encode(text)
-            tid = ids[0] if len(ids) == 1 else None
-        return tid
+        ids = [tid] if tid is not None else self.encode(text)
+        return ids[0] if len(ids) == 1 else None
 
     def chat_text(self, messages, add_generation_prompt, **template_kwargs):
         """The template's text, as transformers' apply_chat_template(..., tokenize=False) renders it."""
         if self.template is None:
             raise ValueError(f"{self.folder}: no chat template (no chat_template in tokenizer_config.json, no "
-                             "chat_template.jinja): send the text as it is with --raw-prompt (sample.py: leave out --chat)")
+                             "chat_template.jinja): send the text as it is with --raw-prompt "
+                             "(sample.py: leave out --chat)")
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r:.200}")
@@ -630,7 +625,8 @@ def run_manifest(args, inputs=(), model_dir=None):
     files = []
     for p in map(Path, inputs):
         with open(p, "rb") as f:
-            files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": sum(1 for line in f if line.strip())})
+            rows = sum(1 for line in f if line.strip())
+        files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows})
         own = Path(f"{p}.run.json")  # e.g. traces.jsonl.run.json, written by distill.py: the teacher
         if own.exists():
             files[-1]["manifest"] = json.loads(own.read_text())
@@ -673,14 +669,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(lo, hi=None, kind=int, above=False):
     """An argparse type: a finite `kind` >= lo (> lo with `above`) and <= hi; the error states the range."""
-    rule = (f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}")
+    what = "an integer" if kind is int else "a number"
+    rule = f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}"
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
             x = None
         if x is None or not math.isfinite(x) or x < lo or (above and x == lo) or (hi is not None and x > hi):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {rule}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}")
         return x
     return parse
 
@@ -749,12 +746,6 @@ def remove_leftovers(folder, *patterns):
                 p.unlink()
 
 
-def changes(old, new):
-    """'key: old -> new; ...' over the keys whose values differ ('' if none): what a refused resume names."""
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                     if old.get(k) != new.get(k))
-
-
 def read_records(path, repair=False):
     """The complete lines of a JSONL records file ([] if none). The text after the last newline is a line
     torn by a kill: cut off when repair is set (by the file's own writer), otherwise ignored (another
@@ -786,9 +777,12 @@ def append_record(path, obj):
 
 
 def refuse_changes(old, new, message):
-    """A resume with another configuration is refused: message, with {} for the differing keys."""
-    if diff := changes(old, new):
-        raise UserError(message.format(diff))
+    """A resume with another configuration is refused: message, with {} for 'key: old -> new; ...' over
+    the keys whose values differ."""
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+    if diff:
+        raise UserError(message.format("; ".join(diff)))
 
 
 def folder_fingerprint(folder):
