@@ -80,11 +80,9 @@ def parse_args(argv=None):
     add("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
         "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
     add("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
-    add("--out", default="runs/sft", help="output folder: the final model itself, plus step-<N>/ checkpoints and "
-        "metrics.jsonl")
+    add("--out", default="runs/sft", help="output folder: the final model, plus step-<N>/ checkpoints, metrics.jsonl")
     add("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
-    add("--max-steps", type=number(1), help="optimizer steps to run (overrides --epochs; the data is reshuffled each "
-        "time it runs out)")
+    add("--max-steps", type=number(1), help="optimizer steps (overrides --epochs; data is reshuffled when it runs out)")
     add("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
     add("--warmup-steps", type=number(0), help="linear warmup steps (overrides --warmup-ratio)")
     add("--warmup-ratio", type=number(0, 1, float), default=0.05, help="warmup as a fraction of all steps")
@@ -94,8 +92,7 @@ def parse_args(argv=None):
     add("--batch-tokens", type=number(1), help="tokens per micro-batch (default: --max-len)")
     add("--grad-accum", type=number(1), help="micro-batches per optimizer step, counted over all processes (default: "
         "one per process); must be a multiple of the number of processes")
-    add("--max-len", type=number(1), help="longest row in tokens; longer rows are dropped (default: the model's "
-        "max_position_embeddings)")
+    add("--max-len", type=number(1), help="drop rows longer than this many tokens (default: max_position_embeddings)")
     add("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack several rows into one micro-batch "
         "(padding-free, attention per document); --no-pack: one row per micro-batch")
     add("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
@@ -180,9 +177,8 @@ def build_model(folder, args, procs, dtype):
 
 def build_optimizer(lm, args, device):
     """AdamW; weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in lm.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in lm.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in lm.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     cuda = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda, foreach=not cuda)
 
@@ -266,9 +262,8 @@ def load_data(path, args, tok, say):
     """load_examples on --data or --eval-data, under the run's settings; a file with no usable row is refused."""
     with user_errors(path):
         examples, counts = load_examples(path, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
-    say(f"{path}: {counts['rows']} rows, {counts['kept']} kept, {counts['too_long']} longer than --max-len "
-        f"{args.max_len} dropped, {counts['bad']} malformed skipped; {counts['tokens']:,} tokens, "
-        f"{counts['targets']:,} of them targets")
+    say(f"{path}: {counts['kept']} of {counts['rows']} rows kept ({counts['too_long']} longer than --max-len dropped, "
+        f"{counts['bad']} malformed skipped): {counts['tokens']:,} tokens, {counts['targets']:,} of them targets")
     if not examples:
         raise UserError(f"{path}: no usable rows")
     return examples, counts
@@ -404,39 +399,35 @@ def checkpoints(out):
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def full_states(lm, optimizer=None):
-    """Full (unsharded) model and optimizer state dicts on CPU: on rank 0 under FSDP, everywhere otherwise."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(lm, options=options),
-            get_optimizer_state_dict(lm, optimizer, options=options) if optimizer is not None else None)
-
-
-def write_model(model_state, config, folder, tokenizer_from, manifest):
-    """A full state dict (LossModel's keys) -> an HF folder, written atomically by model.save_model."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    state = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
-    model.tie_weights()
-    return save_model(model, folder, tokenizer_from=tokenizer_from, extra_files={"run.json": manifest})
+def write_model(lm, folder, manifest, args, procs):
+    """The model's weights, gathered in full on rank 0 under FSDP, -> an HF folder that rank 0 writes
+    atomically (model.save_model). fp32, so that a resume is exact."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if procs.rank == 0:
+        with torch.device("meta"):
+            model = Transformer(lm.model.config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True,  # LossModel's keys
+                              strict=not model.config.tie_word_embeddings)
+        model.tie_weights()
+        save_model(model, folder, tokenizer_from=args.model, extra_files={"run.json": manifest})
 
 
 def save_checkpoint(lm, optimizer, out, trainer_state, manifest, args, procs):
-    """<out>/step-<N>/: HF weights (fp32, so a resume is exact) + trainer_state.pt, written last so its
-    presence means complete. Then only the newest --keep-last are kept."""
-    model_state, optim_state = full_states(lm, optimizer)
+    """<out>/step-<N>/: the HF folder + trainer_state.pt (the optimizer state gathered in full), written
+    last so that its presence means complete. Then only the newest --keep-last are kept."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     step = trainer_state["step"]
     folder = out / f"step-{step}"
+    write_model(lm, folder, {**manifest, "step": step, "metrics": trainer_state["last_metrics"]}, args, procs)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = get_optimizer_state_dict(lm, optimizer, options=options)
     if procs.rank == 0:
-        write_model(model_state, lm.model.config, folder, args.model,
-                    {**manifest, "step": step, "metrics": trainer_state["last_metrics"]})
         tmp = folder / f".trainer_state.pt.tmp-{os.getpid()}"
         torch.save({**trainer_state, "optimizer": optim_state}, tmp)
         os.replace(tmp, folder / "trainer_state.pt")
-        if args.keep_last > 0:
-            for old in checkpoints(out)[:-args.keep_last]:
-                shutil.rmtree(old)
+        for old in checkpoints(out)[:-args.keep_last] if args.keep_last > 0 else []:
+            shutil.rmtree(old)
     if procs.world > 1:
         dist.barrier()
     return folder
@@ -446,10 +437,9 @@ def export_final(lm, out, args, manifest, procs):
     """The final model into <out> itself. save_model replaces a whole folder, and <out> also holds the
     checkpoints, so the model goes to a staging folder first and its files move in one by one:
     config.json goes first out and last in, so <out> loads as a model only once every file is new."""
-    model_state, _ = full_states(lm)
+    staging = out / ".final"
+    write_model(lm, staging, manifest, args, procs)
     if procs.rank == 0:
-        staging = out / ".final"
-        write_model(model_state, lm.model.config, staging, args.model, manifest)
         for old in [out / "config.json", *out.glob("model*.safetensors*")]:
             old.unlink(missing_ok=True)
         for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
@@ -516,14 +506,13 @@ def starting_point(args, out, fingerprint, say):
     """Where the run starts: None (the base model), the newest complete checkpoint (--resume), or
     "finished" when --resume finds this very run's final model in --out. A run is never mixed with
     another: without --resume an existing run is refused, and with it any setting that differs."""
-    found = checkpoints(out)
-    source = out if (out / "config.json").exists() else found[-1] if found else None
-    if source is not None and not args.resume:
-        raise UserError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
+    source = out if (out / "config.json").exists() else (checkpoints(out) or [None])[-1]
     if source is None:
         if args.resume:
             say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
         return None
+    if not args.resume:
+        raise UserError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
     refuse_changes(json.loads((source / "run.json").read_text()).get("fingerprint", {}), fingerprint,
                    f"--resume: {source} was made with settings that change the result ({{}}). "
                    "Use the same settings, or another --out")
@@ -620,8 +609,7 @@ def train(args, procs, out):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         docs = [len(examples[i].ids) for rows in micro for i in rows]
-        progress["tokens"] += sum(docs)
-        progress["train_s"] += seconds
+        progress = {"tokens": progress["tokens"] + sum(docs), "train_s": progress["train_s"] + seconds}
         record = {"step": step, "epoch": round(epoch_done, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": sum(docs), "targets": n_targets, **step_speed(lm.model.config, docs, seconds, procs)}
         if held_out and (step == total or args.eval_every and step % args.eval_every == 0):
