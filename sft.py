@@ -44,8 +44,8 @@ import resource
 import shutil
 import time
 from collections import Counter, namedtuple
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,7 +80,8 @@ def parse_args(argv=None):
     add("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
         "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
     add("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
-    add("--out", default="runs/sft", help="output folder: the final model, plus step-<N>/ checkpoints, metrics.jsonl")
+    add("--out", type=Path, default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
+        "checkpoints and metrics.jsonl")
     add("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
     add("--max-steps", type=number(1), help="optimizer steps (overrides --epochs; data is reshuffled when it runs out)")
     add("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
@@ -224,8 +225,7 @@ def tokenize(messages, tok, template_kwargs=None):
     return ids, labels
 
 
-@dataclass
-class Example:
+class Example(NamedTuple):
     ids: torch.Tensor      # (L,) int32
     labels: torch.Tensor   # (L,) int32, IGNORE where nothing is learned
 
@@ -237,24 +237,22 @@ class Example:
 def load_examples(path, tok, max_len, skip_bad=False, template_kwargs=None):
     """JSONL -> Examples and counts. Blank lines are not rows; a malformed row is an error naming its
     line (or skipped and counted); a row longer than max_len is dropped and counted, never truncated."""
-    examples, counts = [], Counter()
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            counts["rows"] += 1
-            try:
-                ids, labels = tokenize(to_messages(json.loads(line)), tok, template_kwargs)  # >= 1 target: end of turn
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if not skip_bad:
-                    raise ValueError(f"{path}:{lineno}: {e} (use --skip-bad to skip such rows)") from None
-                counts["bad"] += 1
-                continue
-            if len(ids) > max_len:
-                counts["too_long"] += 1
-                continue
-            examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)))
-            counts.update(kept=1, tokens=len(ids), targets=examples[-1].targets)
+        rows = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+    examples, counts = [], Counter(rows=len(rows))
+    for lineno, line in rows:
+        try:
+            ids, labels = tokenize(to_messages(json.loads(line)), tok, template_kwargs)  # >= 1 target: end of turn
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if not skip_bad:
+                raise ValueError(f"{path}:{lineno}: {e} (use --skip-bad to skip such rows)") from None
+            counts["bad"] += 1
+            continue
+        if len(ids) > max_len:
+            counts["too_long"] += 1
+            continue
+        examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)))
+        counts.update(kept=1, tokens=len(ids), targets=examples[-1].targets)
     return examples, counts
 
 
@@ -536,9 +534,8 @@ def resolve_sizes(args, config, procs):
 def main(argv=None):
     args = parse_args(argv)
     procs = setup_processes(args.device)
-    out = Path(args.out)
-    with output_lock(out, folder=True) if procs.rank == 0 else contextlib.nullcontext():
-        return train(args, procs, out)
+    with output_lock(args.out, folder=True) if procs.rank == 0 else contextlib.nullcontext():
+        return train(args, procs, args.out)
 
 
 def train(args, procs, out):
@@ -592,8 +589,7 @@ def train(args, procs, out):
 
     # the loop; `step` counts from 1: the step being taken
     bar = tqdm(total=total, initial=start, disable=procs.rank != 0, dynamic_ncols=True)
-    for step in range(start + 1, total + 1):
-        epoch, epoch_done, micro = plan[step - 1]
+    for step, (epoch, epoch_done, micro) in enumerate(plan[start:], start + 1):
         lr = lr_at(step - 1, total, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
