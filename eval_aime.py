@@ -43,12 +43,11 @@ from tqdm import tqdm
 import model
 import sample
 from model import PROMPT_SUFFIX, UserError, user_prompt  # the user turn (defined in model.py)
-from sample import Request
 
 
 # ---- answer extraction ----
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_LAST_BOX = re.compile(r".*\\(?:boxed|fbox)(?![A-Za-z])\s*", re.S)   # everything up to the last box's content
 # \text{33} -> 33, but \text{ minutes} (no digit: a unit or a word) -> removed
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mathbf|mbox|boldsymbol)\s*\{([^{}]*)\}")
 # degrees, percent, dollars, LaTeX spacing (\! \, \; \: "\ "), ties and whitespace carry no value
@@ -57,25 +56,17 @@ _NOISE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree|\\%|%|\\\$|\$|\\[!,;: ]|~
 
 def last_box(text):
     """Content of the last \\boxed{...} / \\fbox{...} (or `\\boxed 5`); None if the last one is unclosed."""
-    boxes = list(_BOX.finditer(text))
-    if not boxes:
-        return None
-    i = boxes[-1].end()
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i < len(text) and text[i] == "{":
-        depth, j = 0, i
-        while j < len(text):
-            if text[j] == "\\":               # \{ and \} are literal braces, not grouping
-                j += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1:j]
-            j += 1
-        return None                            # truncated mid-answer: no fallback to an earlier box
-    token = re.match(r"[^\s$]+", text[i:])     # `\boxed 204` as models write it (LaTeX would box "2")
-    return token.group(0) if token else None
+    box = _LAST_BOX.match(text)
+    rest = text[box.end():] if box else ""
+    if not rest.startswith("{"):
+        token = re.match(r"[^\s$]+", rest)     # `\boxed 204` as models write it (LaTeX would box "2")
+        return token.group(0) if token else None
+    depth = 0
+    for t in re.finditer(r"\\.|[{}]", rest, re.S):   # \{ and \} are literal braces, not grouping
+        depth += {"{": 1, "}": -1}.get(t.group(), 0)
+        if depth == 0:
+            return rest[1:t.start()]
+    return None                                # truncated mid-answer: no fallback to an earlier box
 
 
 def parse_integer(s):
@@ -84,8 +75,7 @@ def parse_integer(s):
     s = s.replace("\u2212", "-").replace("{,}", ",")   # unicode minus; LaTeX's 1{,}000
     while (unwrapped := _WRAPPER.sub(lambda m: m.group(1) if re.search(r"\d", m.group(1)) else "", s)) != s:
         s = unwrapped
-    s = _NOISE.sub("", s)
-    s = s.rsplit("=", 1)[-1].rstrip(".")       # "m+n=33": the answer is what the box equates to
+    s = _NOISE.sub("", s).rsplit("=", 1)[-1].rstrip(".")   # "m+n=33": the answer is what the box equates to
     while s.startswith("{") and s.endswith("}"):
         s = s[1:-1]
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", s):  # commas only as thousands groups; "3,5" is a list
@@ -97,13 +87,9 @@ def parse_integer(s):
 def final_box(text):
     """Content of the last complete box after the reasoning, or None. Reasoning ends at the last
     </think>; a <think> that never closes means the model stopped while still thinking: no answer."""
-    if not text:
+    if not text or ("<think>" in text and "</think>" not in text):
         return None
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif "<think>" in text:
-        return None
-    return last_box(text)
+    return last_box(text.rsplit("</think>", 1)[-1])
 
 
 def extract_answer(text):
@@ -117,18 +103,16 @@ def final_answer(text, gold):
     else the boxed LaTeX; None when there is no such answer."""
     if gold_integer(gold) is not None:
         return extract_answer(text)
-    box = (final_box(text) or "").strip()
-    return box or None
+    return (final_box(text) or "").strip() or None
 
 
 def check_answer(text, gold):
     """The one grading rule of the project: is the final answer of `text` the gold answer?
     Integer gold: integer equality. Any other gold: math-verify equivalence of the boxed LaTeX."""
-    answer = final_answer(text, gold)
-    if answer is None:
-        return False
-    expected = gold_integer(gold)
-    return answer == expected if expected is not None else equivalent(str(gold), answer)
+    answer, expected = final_answer(text, gold), gold_integer(gold)
+    if expected is not None:
+        return answer == expected
+    return answer is not None and equivalent(str(gold), answer)
 
 
 # math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
@@ -149,13 +133,9 @@ def read(latex):   # a box's content, parsed as math-verify parses a boxed answe
                  fallback_mode="no_fallback", extraction_mode="first_match", parsing_timeout=3)
 verify(read("1"), read("1"))   # imports the parser before the first timed answer
 print("ready", flush=True)
-for line in sys.stdin:
+for line in sys.stdin:         # parse and verify catch their own errors (raise_on_error=False): true or false
     gold, answer = json.loads(line)
-    try:
-        same = verify(read(gold), read(answer), timeout_seconds=3)
-    except Exception:
-        same = False
-    print("true" if same else "false", flush=True)
+    print(json.dumps(verify(read(gold), read(answer), timeout_seconds=3)), flush=True)
 '''
 
 
@@ -163,37 +143,31 @@ class _Grader:
     def __init__(self):
         self.proc, self.lock = None, threading.Lock()
 
-    def line(self, timeout):
+    def reply(self, timeout):
+        """The child's next line, or None when it writes none within `timeout` seconds."""
         ready = select.select([self.proc.stdout], [], [], timeout)[0]
         return self.proc.stdout.readline().decode().strip() if ready else None
 
-    def start(self):
-        # its own session: a Ctrl-C at the terminal must not kill it mid-answer (distill.py saves answers in flight)
-        self.proc = subprocess.Popen([sys.executable, "-c", _GRADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True)
-        started = self.line(120)
-        if started != "ready":
-            self.stop()
-            raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
     def same(self, gold, answer):
+        """One answer at a time, in a child started on first use and again after one was killed."""
         with self.lock:
-            if self.proc is None:
-                self.start()
             reply = None
             try:
+                if self.proc is None:  # its own session: a Ctrl-C at the terminal must not kill it mid-answer
+                    self.proc = subprocess.Popen([sys.executable, "-c", _GRADER], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                                                 start_new_session=True)   # (distill.py saves answers in flight)
+                    if (started := self.reply(120)) != "ready":
+                        raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
                 self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
-                reply = self.line(GRADE_TIMEOUT)
-            except BrokenPipeError:
+                reply = self.reply(GRADE_TIMEOUT)
+            except BrokenPipeError:            # it died
                 pass
             finally:
-                if reply not in ("true", "false"):  # overran, died or interrupted: the next call starts a fresh one
-                    self.stop()
+                if self.proc and reply not in ("true", "false"):  # overran, died or interrupted: start afresh
+                    self.proc.kill()
+                    self.proc.wait()
+                    self.proc = None
             return reply == "true"
 
 
@@ -203,9 +177,7 @@ _grader = _Grader()
 @functools.lru_cache(maxsize=1 << 16)
 def equivalent(gold, answer):
     """Is the LaTeX `answer` mathematically the LaTeX `gold`? (math-verify; wrong when it cannot tell in time)"""
-    if "".join(gold.split()) == "".join(answer.split()):
-        return True
-    return _grader.same(gold, answer)
+    return "".join(gold.split()) == "".join(answer.split()) or _grader.same(gold, answer)
 
 
 # ---- metrics (pure) ----
@@ -220,15 +192,12 @@ def pass_at_k(n, c, k):
 def vote(answers, same=operator.eq):
     """Classes of answers that are the same (same(a, b)), None left out, as lists of indices: the
     largest first, a tie to the class whose first answer came first."""
-    classes = []
+    classes = {}                               # index of a class's first answer -> the indices in the class
     for i, a in enumerate(answers):
         if a is not None:
-            home = next((c for c in classes if same(answers[c[0]], a)), None)
-            if home:
-                home.append(i)
-            else:
-                classes.append([i])
-    return sorted(classes, key=lambda c: (-len(c), c[0]))
+            first = next((f for f in classes if same(answers[f], a)), i)   # i: a class of its own
+            classes.setdefault(first, []).append(i)
+    return sorted(classes.values(), key=lambda c: (-len(c), c[0]))
 
 
 def majority(answers, same=operator.eq):
@@ -239,11 +208,8 @@ def majority(answers, same=operator.eq):
 
 def mean_stderr(values):
     """Mean and its standard error (sample std / sqrt(n)); the error is None for fewer than 2 values."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    n, mean = len(values), sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None)
 
 
 def ci95(mean, se):
@@ -268,40 +234,32 @@ def summarize(problems, records, samples, greedy=False):
     per_problem, rows = [], []
     for p in problems:
         rs = [records[(p["id"], k)] for k in range(samples)]
-        answers = [None if r["extracted"] is None else r for r in rs]
-        classes = vote(answers, same_answer)
-        top = rs[classes[0][0]] if classes else None
+        classes = vote([None if r["extracted"] is None else r for r in rs], same_answer)
+        top = rs[classes[0][0]] if classes else {"extracted": None, "correct": False}
         votes = {str(rs[c[0]]["extracted"]): len(c) for c in classes}
-        if len(rs) > sum(votes.values()):
-            votes["none"] = len(rs) - sum(votes.values())
+        unanswered = sum(r["extracted"] is None for r in rs)
         per_problem.append({"id": p["id"], "gold": p["answer"], **{f: p[f] for f in GROUPS if f in p},
                             "correct": sum(r["correct"] for r in rs), "samples": samples,
-                            "majority": top["extracted"] if top else None,
-                            "majority_correct": bool(top and top["correct"]), "votes": votes})
+                            "majority": top["extracted"], "majority_correct": bool(top["correct"]),
+                            "votes": {**votes, "none": unanswered} if unanswered else votes})
         rows += rs
     pass1, se = mean_stderr([pp["correct"] / samples for pp in per_problem])
-    metrics = {"problems": len(problems), "samples_per_problem": samples,
-               "greedy_accuracy": pass1 if greedy else None,
-               "pass@1": pass1, "pass@1_stderr": se, "pass@1_ci95": ci95(pass1, se)}
-    k = 2
-    while k <= samples:
-        metrics[f"pass@{k}"] = sum(pass_at_k(samples, pp["correct"], k) for pp in per_problem) / len(problems)
-        k *= 2
-    metrics[f"maj@{samples}"] = sum(pp["majority_correct"] for pp in per_problem) / len(problems)
-    metrics["no_answer_rate"] = sum(r["extracted"] is None for r in rows) / len(rows)
-    metrics["truncation_rate"] = sum(r["finish_reason"] == "length" for r in rows) / len(rows)
-    metrics["mean_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
-    metrics["max_tokens"] = max(r["num_tokens"] for r in rows)
+    n, maj = len(problems), f"maj@{samples}"
+    metrics = {"problems": n, "samples_per_problem": samples, "greedy_accuracy": pass1 if greedy else None,
+               "pass@1": pass1, "pass@1_stderr": se, "pass@1_ci95": ci95(pass1, se),
+               **{f"pass@{k}": sum(pass_at_k(samples, pp["correct"], k) for pp in per_problem) / n
+                  for k in (2 ** i for i in range(1, samples.bit_length()))},   # k = 2, 4, 8, ... up to K
+               maj: sum(pp["majority_correct"] for pp in per_problem) / n,
+               "no_answer_rate": sum(r["extracted"] is None for r in rows) / len(rows),
+               "truncation_rate": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
+               "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
+               "max_tokens": max(r["num_tokens"] for r in rows)}
     for field in GROUPS:                      # MATH-500's rows carry a level (1-5) and a subject
-        groups = {}
-        for pp in per_problem:
-            if field in pp:
-                groups.setdefault(str(pp[field]), []).append(pp)
-        if groups:
-            metrics[f"by_{field}"] = {
-                g: {"problems": len(ps), "pass@1": sum(pp["correct"] for pp in ps) / len(ps) / samples,
-                    f"maj@{samples}": sum(pp["majority_correct"] for pp in ps) / len(ps)}
-                for g, ps in sorted(groups.items())}
+        for group in sorted({str(pp[field]) for pp in per_problem if field in pp}):
+            ps = [pp for pp in per_problem if field in pp and str(pp[field]) == group]
+            metrics.setdefault(f"by_{field}", {})[group] = {
+                "problems": len(ps), "pass@1": sum(pp["correct"] for pp in ps) / len(ps) / samples,
+                maj: sum(pp["majority_correct"] for pp in ps) / len(ps)}
     return metrics, per_problem
 
 
@@ -313,24 +271,37 @@ def _first(row, keys):
 
 def gold_integer(value):
     """An answer field as an int ("033", 33, 33.0), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
     if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
         return int(value)
-    return None
-
-
-DATA = Path(__file__).resolve().parent / "data"
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if type(value) is int else None   # not a bool (an int to isinstance)
 
 
 def data_path(name):
     """A bundled set by name (aime24, math500, ...) is data/NAME.jsonl; anything else is a path."""
-    bundled = DATA / f"{name}.jsonl"
+    bundled = Path(__file__).resolve().parent / "data" / f"{name}.jsonl"
     return str(bundled) if re.fullmatch(r"[\w-]+", name) and not Path(name).exists() and bundled.exists() else name
+
+
+def problem_rows(path):
+    """(line number, id, problem text, row) for each row of a JSONL problems file: the id is field id /
+    ID / unique_id (else "line-N"), the text field problem / question / Problem / Question. A line that
+    is not a JSON object with a problem text is a ValueError naming the file and line. Also what
+    distill.py reads its --decontaminate sets with."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            text = _first(row, ("problem", "question", "Problem", "Question")) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{lineno}: no problem text (a JSON object with field problem / question)")
+            pid = _first(row, ("id", "ID", "unique_id"))
+            yield lineno, f"line-{lineno}" if pid is None else str(pid), text, row
 
 
 def load_problems(path):
@@ -339,32 +310,17 @@ def load_problems(path):
     any other is LaTeX, graded by equivalence. A row without an id gets "line-N". Any bad row is an
     error naming the file and line."""
     problems, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            pid = _first(row, ("id", "ID", "unique_id"))
-            pid = f"line-{lineno}" if pid is None else str(pid)
-            text = _first(row, ("problem", "question", "Problem", "Question"))
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: no problem text (field problem / question)")
-            raw = _first(row, ("answer", "Answer"))
-            answer = gold_integer(raw)
-            if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
-                answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
-            if answer is None:
-                raise ValueError(f"{where}: no answer (a non-empty string or number in field answer), got {raw!r}")
-            if pid in seen:
-                raise ValueError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = lineno
-            problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
+    for lineno, pid, text, row in problem_rows(path):
+        raw = _first(row, ("answer", "Answer"))
+        answer = gold_integer(raw)
+        if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
+            answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
+        if answer is None:
+            raise ValueError(f"{path}:{lineno}: no answer (a non-empty string or number in field answer), got {raw!r}")
+        if pid in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
@@ -375,15 +331,7 @@ def sample_seed(seed, pid, k):
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}:{k}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-# ---- the records file: append-only, resumable, one file per shard ----
-
-def sidecar(out, what):
-    return Path(f"{out}.{what}.json")
-
-
-def shard_file(out, rank, world):
-    return out if world == 1 else Path(f"{out}.shard{rank}of{world}")
-
+# ---- the records file: append-only, resumable, one file per shard (<out>.shardIofN) ----
 
 def record_files(out):
     shards = glob.glob(glob.escape(str(out)) + ".shard*of*")
@@ -415,17 +363,15 @@ def run_config(args, params):
 
 def check_config(out, config):
     """Refuse to mix samples from a different configuration, or to touch a file that is not ours (no
-    sidecar). True when --out is new: its sidecar is written once the sampler is up, so that a
-    mistyped --model or a missing GPU never blocks this --out."""
-    path = sidecar(out, "config")
+    sidecar). The sidecar itself is written once the sampler is up, so that a mistyped --model or a
+    missing GPU never blocks this --out."""
+    path = Path(f"{out}.config.json")
     if path.exists():
         model.refuse_changes(json.loads(path.read_text()), config, f"{out} holds samples from a different "
                              f"configuration ({{}}). Use another --out, or delete {out}* to start over.")
-        return False
-    if any(p.exists() for p in record_files(out)):
+    elif any(p.exists() for p in record_files(out)):
         raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
                         f"Use another --out, or delete {out}.")
-    return True
 
 
 def merge(out, done, problems):
@@ -433,15 +379,13 @@ def merge(out, done, problems):
     order, with answers re-graded by the current code; then drop the shard files. Atomic: a kill here
     leaves the old files, which resume reads again."""
     gold = {p["id"]: p["answer"] for p in problems}
-    order = {pid: i for i, pid in enumerate(gold)}
-    rows = sorted(done.values(), key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
+    order = {pid: i for i, pid in enumerate(gold)}      # every record's id is here: config.json pins the data
+    rows = sorted(done.values(), key=lambda r: (order[r["id"]], r["sample"]))
+    for r in rows:
+        r.update(extracted=final_answer(r["text"], gold[r["id"]]), correct=check_answer(r["text"], gold[r["id"]]))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            if r["id"] in gold:
-                r["extracted"] = final_answer(r["text"], gold[r["id"]])
-                r["correct"] = check_answer(r["text"], gold[r["id"]])
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, out)
     for p in record_files(out)[1:]:
         p.unlink(missing_ok=True)             # another shard may be merging the same records
@@ -450,14 +394,11 @@ def merge(out, done, problems):
 
 # ---- sampling ----
 
-def make_request(problem, k, seed, raw, system=None):
-    return Request.user(user_prompt(problem["problem"]), sample_seed(seed, problem["id"], k), raw, system)
-
-
 def draw(sampler, todo, params, args, path, done, bar):
     """Sample every (problem, k) in todo; append each record to path as it arrives (model.append_record),
     so a kill loses only the samples in flight."""
-    requests = [make_request(p, k, args.seed, args.raw_prompt, args.system) for p, k in todo]
+    requests = [sample.Request.user(user_prompt(p["problem"]), sample_seed(args.seed, p["id"], k), args.raw_prompt,
+                                    args.system) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
     # local model's context is recorded as a sample without an answer.
@@ -510,7 +451,7 @@ def pct(x):
 
 
 def report(metrics, per_problem, stats, args):
-    m, se = metrics, metrics["pass@1_stderr"]
+    m, se, ci = metrics, metrics["pass@1_stderr"], metrics["pass@1_ci95"]
     who = args.model or (f"{args.api_model} at {args.base_url}" if args.base_url else "(given sampler)")
     print(f"{who} on {args.data}: {m['problems']} problems x {m['samples_per_problem']} samples, "
           f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}"
@@ -521,22 +462,20 @@ def report(metrics, per_problem, stats, args):
         votes = ", ".join(f"{a} x{n}" for a, n in pp["votes"].items())
         print(f"{pp['id']:<{wid}} {str(pp['gold']):>{wgold}} {pp['correct']:>4}/{pp['samples']:<3}  {votes}")
     name = "greedy accuracy" if m["greedy_accuracy"] is not None else "pass@1"
-    solved = sum(pp["correct"] for pp in per_problem)
-    err = "" if se is None else f" ± {100 * se:.1f} s.e.  (95% CI {pct(m['pass@1_ci95'][0])} - {pct(m['pass@1_ci95'][1])})"
-    print(f"\n{name:<18} {pct(m['pass@1'])}{err}   ({solved}/{m['problems'] * m['samples_per_problem']} correct)")
-    for key in [k for k in m if re.fullmatch(r"(pass|maj)@\d+", k) and k not in ("pass@1", "maj@1")]:
-        print(f"{key:<18} {pct(m[key])}")
-    print(f"{'no answer':<18} {pct(m['no_answer_rate'])}")
-    print(f"{'truncated':<18} {pct(m['truncation_rate'])}")
+    err = "" if se is None else f" ± {100 * se:.1f} s.e.  (95% CI {pct(ci[0])} - {pct(ci[1])})"
+    print(f"\n{name:<18} {pct(m['pass@1'])}{err}   "
+          f"({sum(pp['correct'] for pp in per_problem)}/{m['problems'] * m['samples_per_problem']} correct)")
+    rates = [(k, m[k]) for k in m if re.fullmatch(r"(pass|maj)@\d+", k) and k not in ("pass@1", "maj@1")]
+    for key, rate in rates + [("no answer", m["no_answer_rate"]), ("truncated", m["truncation_rate"])]:
+        print(f"{key:<18} {pct(rate)}")
     print(f"{'tokens mean / max':<18} {m['mean_tokens']:.0f} / {m['max_tokens']}")
     if stats["tokens_per_s"]:
         print(f"{'tokens/s':<18} {stats['tokens_per_s']:.1f}  (this process, {stats['new_samples']} new samples)")
     maj = f"maj@{m['samples_per_problem']}" if m["samples_per_problem"] > 1 else None
-    for field in GROUPS:
-        if f"by_{field}" in m:
-            print(f"\n{field:<24} {'problems':>8} {name:>16}" + (f" {maj:>8}" if maj else ""))
-            for group, g in m[f"by_{field}"].items():
-                print(f"{group:<24} {g['problems']:>8} {pct(g['pass@1']):>16}" + (f" {pct(g[maj]):>8}" if maj else ""))
+    for field in [f for f in GROUPS if f"by_{f}" in m]:
+        print(f"\n{field:<24} {'problems':>8} {name:>16}" + (f" {maj:>8}" if maj else ""))
+        for group, g in m[f"by_{field}"].items():
+            print(f"{group:<24} {g['problems']:>8} {pct(g['pass@1']):>16}" + (f" {pct(g[maj]):>8}" if maj else ""))
 
 
 # ---- main ----
@@ -561,29 +500,6 @@ def build_parser():
     return ap
 
 
-def build_sampler(args, world):
-    if world > 1 and "LOCAL_RANK" in os.environ:
-        import torch                          # one GPU per rank: "cuda" / "auto" then means this rank's GPU
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return sample.sampler_from_args(args)
-
-
-def gather(out, done, needed, rank, world, wait_for_others):
-    """All records once every needed (id, sample) is in, or None when this process does not merge."""
-    while rank == 0 and wait_for_others and any(key not in done for key in needed):
-        time.sleep(2)                         # torchrun: the other ranks are still sampling
-        done = load_records(out)
-    if world > 1 and wait_for_others and rank != 0:
-        return None                           # torchrun: rank 0 merges
-    missing = sum(key not in done for key in needed)
-    if missing:
-        print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
-              f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
-        return None
-    return done
-
-
 def main(argv=None, sampler=None):
     """Score, print the report, write the files; returns the summary (None on a rank that does not merge).
     `sampler` replaces the one built from --model / --base-url (tests pass a fake)."""
@@ -599,36 +515,39 @@ def main(argv=None, sampler=None):
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
     with model.user_errors(args.data):
         every = load_problems(args.data)
-    problems = every[:args.limit] if args.limit else every
     shard = shard_of(args.shard)
-    if shard[1] > 1 and not args.out:
+    rank, world, _ = shard
+    if world > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
     out = Path(args.out) if args.out else None
-    own = shard_file(out, *shard[:2]) if out else None
+    own = out if world == 1 else Path(f"{out}.shard{rank}of{world}")   # this process's records file
     with model.output_lock(own) if out else contextlib.nullcontext():
-        return score(args, every, problems, out, own, shard, sampler)
+        return score(args, every, out, own, shard, sampler)
 
 
-def score(args, every, problems, out, own, shard, sampler):
-    """main() once --out is ours alone: resume, sample what is missing, merge, summarize."""
+def score(args, every, out, own, shard, sampler):
+    """main() once --out is ours alone: resume, sample what is missing, gather the shards, merge, summarize."""
     rank, world, wait_for_others = shard
-    params = sample.sampling_params(args)
-    config = run_config(args, params)
-    done, new = {}, False
+    problems, params = every[:args.limit], sample.sampling_params(args)
+    config, done = run_config(args, params), {}
     if out:
         if world == 1:
             model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
                                                  for s in ("", ".config.json", ".summary.json")))
-        new = check_config(out, config)
+        check_config(out, config)
         with model.user_errors():
             done = load_records(out, own)
     mine = problems[rank::world]
     todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
     if sampler is None:
-        sampler = build_sampler(args, world)
-    if new:
-        model.write_json_atomic(sidecar(out, "config"), config)
+        if world > 1 and "LOCAL_RANK" in os.environ:
+            import torch                      # one GPU per rank: "cuda" / "auto" then means this rank's GPU
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        sampler = sample.sampler_from_args(args)
+    if out:                                   # (the same config, when it was there: check_config compared them)
+        model.write_json_atomic(Path(f"{out}.config.json"), config)
     total = len(mine) * args.samples
     desc = "eval" if world == 1 else f"eval shard {rank}/{world}"
     with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
@@ -637,12 +556,18 @@ def score(args, every, problems, out, own, shard, sampler):
         except ValueError as e:               # e.g. a folder without a chat template: use --raw-prompt
             raise SystemExit(f"eval_aime.py: {e}")
 
-    if out:
-        done = gather(out, done, [(p["id"], k) for p in problems for k in range(args.samples)],
-                      rank, world, wait_for_others)
-        if done is None:
+    if out:                                   # gather every shard's records, merge them into --out
+        if wait_for_others and rank != 0:
+            return None                       # torchrun: rank 0 merges
+        needed = [(p["id"], k) for p in problems for k in range(args.samples)]
+        while wait_for_others and any(key not in done for key in needed):
+            time.sleep(2)                     # torchrun: the other ranks are still sampling
+            done = load_records(out)
+        if missing := sum(key not in done for key in needed):
+            print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
+                  f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
             return None
-        merge(out, done, every)               # also re-extracts the answers in `done`
+        merge(out, done, every)               # also re-grades the answers in `done`
 
     metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
     summary = {"metrics": metrics, "per_problem": per_problem, "config": config,
@@ -651,7 +576,7 @@ def score(args, every, problems, out, own, shard, sampler):
                "sampler": sampler.describe(), "throughput": stats,
                "manifest": model.run_manifest(vars(args), [args.data], args.model)}
     if out:
-        model.write_json_atomic(sidecar(out, "summary"), summary)
+        model.write_json_atomic(Path(f"{out}.summary.json"), summary)
     report(metrics, per_problem, stats, args)
     return summary
 
