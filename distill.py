@@ -59,23 +59,19 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import check_answer, data_path, final_answer, load_problems, sample_seed
+from eval_aime import check_answer, data_path, final_answer, load_problems, problem_rows, sample_seed
 from model import PROMPT_SUFFIX, UserError, user_prompt
 from sample import Completion, EndpointError, PromptTooLong, Request
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
 MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem's 8-grams: 0 = any shared 8-gram
 
-# Filters in the order they are checked; a rejected answer lists every one it fails.
-FILTERS = {
-    "contaminated": "overlaps a --decontaminate problem",   # only sent with --keep-all
-    "prompt_too_long": "prompt longer than the teacher's context",   # local teachers: never sent
-    "truncated": "cut at --max-tokens (finish_reason length)",
-    "unclosed_think": "<think> never closed",
-    "no_thinking": "no visible thinking",
-    "no_answer": "no boxed answer",
-    "wrong": "wrong answer",
-}
+# Filters in the order they are checked; a rejected answer lists every one it fails. Contaminated problems
+# are only sent with --keep-all; a prompt too long for a local teacher's context is never sent.
+FILTERS = {"contaminated": "overlaps a --decontaminate problem",
+           "prompt_too_long": "prompt longer than the teacher's context",
+           "truncated": "cut at --max-tokens (finish_reason length)", "unclosed_think": "<think> never closed",
+           "no_thinking": "no visible thinking", "no_answer": "no boxed answer", "wrong": "wrong answer"}
 
 
 # ---- problems: duplicates and contamination, decided before anything is paid for ----
@@ -94,22 +90,13 @@ def ngrams(words, n=NGRAM):
 
 def load_references(paths):
     """Evaluation sets -> ({8-gram: {"file:id", ...}}, {"file:id": its number of 8-grams},
-    {normalized text: "file:id"}). Rows need only a problem text (problem / question); answers may be
-    anything (MATH-500's are LaTeX)."""
+    {normalized text: "file:id"}). Rows need only a problem text (problem / question) and read as
+    eval_aime.problem_rows reads them; answers may be anything (MATH-500's are LaTeX)."""
     owners, sizes, texts = {}, {}, {}
     for path in paths:
-        with model.user_errors(path), open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = next(row[k] for k in ("problem", "question", "Problem", "Question") if k in row)
-                    assert isinstance(text, str)
-                except (ValueError, StopIteration, AssertionError, TypeError):
-                    raise UserError(f"{path}:{lineno}: not a JSON object with a problem text") from None
-                where = f"{Path(path).name}:{row.get('id', row.get('unique_id', f'line-{lineno}'))}"
-                words = normalize(text).split()
+        with model.user_errors(path):
+            for _, pid, text, _ in problem_rows(path):
+                where, words = f"{Path(path).name}:{pid}", normalize(text).split()
                 texts.setdefault(" ".join(words), where)
                 sizes[where] = len(ngrams(words))
                 for g in ngrams(words):
@@ -144,8 +131,9 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
     return None
 
 
-def screen(problems, references, min_overlap=MIN_OVERLAP):
-    """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated)."""
+def screen(problems, references, min_overlap, keep_all):
+    """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated).
+    A contaminated problem is sent only with keep_all."""
     keep, duplicates, contaminated, first = [], [], [], {}
     for p in problems:
         key = normalize(p["problem"])
@@ -156,7 +144,8 @@ def screen(problems, references, min_overlap=MIN_OVERLAP):
         hit = contamination(p["problem"], references, min_overlap) if references else None
         if hit:
             contaminated.append({"id": p["id"], **hit})
-        keep.append({**p, "contaminated": hit and hit["matches"]})
+        if keep_all or not hit:
+            keep.append({**p, "contaminated": hit and hit["matches"]})
     return keep, duplicates, contaminated
 
 
@@ -191,25 +180,19 @@ def make_record(p, k, seed, c, params, teacher, plain_ok=False):
     thinking, solution, source, closed = split_reasoning(c)
     extracted = final_answer(solution, p["answer"]) if closed else None
     correct = extracted is not None and check_answer(solution, p["answer"])
-    flags = ["prompt_too_long"] if c.finish_reason == "prompt_too_long" else [name for name, failed in [
-        ("contaminated", bool(p["contaminated"])),
-        ("truncated", c.finish_reason == "length"),
-        ("unclosed_think", not closed),
-        ("no_thinking", closed and not thinking and not plain_ok),
-        ("no_answer", extracted is None),
-        ("wrong", extracted is not None and not correct),
-    ] if failed]
+    failed = {"contaminated": p["contaminated"], "truncated": c.finish_reason == "length", "unclosed_think": not closed,
+              "no_thinking": closed and not thinking and not plain_ok, "no_answer": extracted is None,
+              "wrong": extracted is not None and not correct}
+    flags = ["prompt_too_long"] if c.finish_reason == "prompt_too_long" else [f for f in failed if failed[f]]
     details = c.usage.get("completion_tokens_details") or {}
-    return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
-            "problem": p["problem"], "answer": p["answer"], "thinking": thinking, "solution": solution,
-            "extracted": extracted, "correct": correct, "accepted": not flags, "flags": flags,
-            "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-            "reasoning_tokens": details.get("reasoning_tokens"),
+    sampling = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=seed)
+    return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "problem": p["problem"],
+            "answer": p["answer"], "thinking": thinking, "solution": solution, "extracted": extracted,
+            "correct": correct, "accepted": not flags, "flags": flags, "finish_reason": c.finish_reason,
+            "num_tokens": c.num_tokens, "reasoning_tokens": details.get("reasoning_tokens"),
             # o-series bill for reasoning they never show: say so instead of passing off the answer as a chain
-            "reasoning_visible": bool(thinking), "reasoning_source": source,
-            "contaminated_by": p["contaminated"], "usage": c.usage, "teacher": teacher,
-            "sampling": {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                         "top_p": params.top_p, "seed": seed}}
+            "reasoning_visible": bool(thinking), "reasoning_source": source, "contaminated_by": p["contaminated"],
+            "usage": c.usage, "teacher": teacher, "sampling": sampling}
 
 
 # ---- files: append-only, one line per answer (model.append_record) ----
@@ -226,17 +209,6 @@ def read_all(files):
         return [r for f in files for r in model.read_records(f, repair=True)]
 
 
-def latest(records):
-    """{id: record}: when a truncated answer was asked again with a larger --max-tokens, the answer
-    at the larger budget counts (the older one stays in its file, flagged truncated)."""
-    by_id = {}
-    for r in records:
-        old = by_id.get(r["id"])
-        if old is None or r["sampling"]["max_tokens"] > old["sampling"]["max_tokens"]:
-            by_id[r["id"]] = r
-    return by_id
-
-
 def is_done(r, max_tokens):
     """A saved answer counts as done, unless it was cut at a smaller budget than this run's."""
     return not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)
@@ -246,16 +218,13 @@ def run_config(args):
     """What a trace depends on; a rerun with another value is refused. The decontamination sets by
     content: a resume without them would send and accept evaluation problems. Not here: --max-tokens
     (may grow: truncated answers are asked again), --samples-per-problem (may grow), the problems
-    file (may change: samples are keyed by problem text), speed settings."""
-    endpoint = is_endpoint(args.teacher)
-    return {"teacher": args.teacher if endpoint else str(Path(args.teacher).resolve()),
-            "api_model": args.api_model if endpoint else None,
-            "teacher_fingerprint": None if endpoint else model.folder_fingerprint(args.teacher),  # retrained?
-            "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate),
-            "system": args.system,
-            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap,
-            "prompt_suffix": PROMPT_SUFFIX,
+    file (may change: samples are keyed by problem text), speed settings. args.model: a local teacher."""
+    return {"teacher": str(Path(args.model).resolve()) if args.model else args.teacher,
+            "api_model": None if args.model else args.api_model,
+            "teacher_fingerprint": model.folder_fingerprint(args.model),  # retrained?
+            "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate), "system": args.system,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "keep_all": args.keep_all,
+            "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
             # only when set, so that runs made before these flags existed still resume
             **{k: getattr(args, k) for k in ("raw_prompt", "chat_template_kwargs", "top_k", "min_p")
                if getattr(args, k)},
@@ -279,21 +248,14 @@ def check_config(files, config):
 
 # ---- the run ----
 
-def is_endpoint(teacher):
-    return teacher.startswith(("http://", "https://"))
-
-
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
     ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer (an integer or LaTeX)}, "
                     "or a bundled set by name (data/NAME.jsonl)")
-    ap.add_argument("--teacher", required=True,
-                    help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
-    ap.add_argument("--out", required=True,
-                    help="accepted traces JSONL; also writes <out>.rejected.jsonl, .errors.jsonl and .run.json")
-    ap.add_argument("--samples-per-problem", type=model.number(1), default=1,
-                    help="answers asked per problem (default 1)")
+    ap.add_argument("--teacher", required=True, help="an OpenAI-compatible URL (http(s)://.../v1) or a model folder")
+    ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
+    ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
     ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
                     help="evaluation sets (files or bundled names: aime24 aime25 amc23 math500): a problem "
                     "sharing a word 8-gram with one of theirs is not sent (see --min-overlap)")
@@ -319,41 +281,30 @@ def build_parser():
 
 
 class Stop:
-    def __init__(self):
-        self.reason = None      # why no more requests are sent: None, "budget" or "interrupted"
+    """Why no more requests are sent: None, "budget" or "interrupted". As a signal handler: the first
+    Ctrl-C / SIGTERM sends nothing more and saves the answers in flight; the second aborts."""
+    reason = None
 
-
-def on_signals(stop):
-    """First Ctrl-C / SIGTERM: send nothing more, save what is in flight; the second aborts.
-    Returns a function that restores the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    def handler(signum, frame):
-        if stop.reason == "interrupted":
+    def __call__(self, signum, frame):
+        if self.reason == "interrupted":
             raise KeyboardInterrupt
-        stop.reason = "interrupted"
+        self.reason = "interrupted"
         print("\ndistill.py: stopping: saving the answers in flight (again to abort)", file=sys.stderr)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
-def requests_for(todo, args, stop):
-    """Requests made only as the sampler asks for them, so that a stop sends nothing more: the
-    endpoint sampler pulls the next request only when one of its `concurrency` slots frees up."""
-    for p, k in todo:
-        if stop.reason:
-            return
-        yield Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
-
-
-def distill(sampler, todo, params, args, files, totals, budget_left):
-    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives."""
-    stop, endpoint = Stop(), is_endpoint(args.teacher)
+def distill(sampler, todo, params, args, files, before, planned, budget_left):
+    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. before: the
+    counts of the answers saved before this run; planned: how many answers the run plans in all."""
+    stop, endpoint, new = Stop(), args.base_url is not None, Counter()
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
-    new = Counter()
-    restore = on_signals(stop) if endpoint else (lambda: None)
-    requests = requests_for(todo, args, stop)
-    bar = tqdm(total=totals["planned"], initial=totals["done"], unit="answer", desc="distill")
+    # an endpoint's answers in flight are paid for: worth the wait (and signals reach only the main thread)
+    in_main = endpoint and threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    # made only as the sampler asks for them, so that a stop sends nothing more: the endpoint sampler
+    # pulls the next request only when one of its `concurrency` slots frees up
+    requests = (Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
+                for p, k in todo if not stop.reason)
+    bar = tqdm(total=planned, initial=planned - len(todo), unit="answer", desc="distill")
     try:
         # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
         # one failed request must not lose the others in flight
@@ -362,10 +313,10 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
             if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
                 c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
             if isinstance(c, EndpointError):
-                model.append_record(files["errors"], {"id": sample_id(p["problem"], k), "problem_id": p["id"],
-                                                      "sample": k, "status": c.status, "attempts": c.attempts,
-                                                      "error": sampler.scrub(str(c)),
-                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                error = {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "status": c.status,
+                         "attempts": c.attempts, "error": sampler.scrub(str(c)),
+                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                model.append_record(files["errors"], error)
                 new["errors"] += 1
             else:
                 r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
@@ -378,20 +329,24 @@ def distill(sampler, todo, params, args, files, totals, budget_left):
                     stop.reason = "budget"
                     if not endpoint:
                         break                        # local rows in flight cost nothing but time
-            bar.set_postfix(accepted=totals["accepted"] + new["accepted"],
-                            rejected=totals["rejected"] + new["rejected"], errors=new["errors"],
-                            tokens=totals["tokens_paid"] + new["tokens"], refresh=False)
+            bar.set_postfix(accepted=before["accepted"] + new["accepted"], errors=new["errors"], refresh=False,
+                            rejected=before["rejected"] + new["rejected"], tokens=before["tokens_paid"] + new["tokens"])
     finally:
         bar.close()
-        restore()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return new, stop.reason
 
 
 def counts(records, planned):
     """Answers that count now (the latest per id, of the samples planned), and the tokens paid for
-    every answer saved on this --out (what --max-total-tokens limits)."""
-    ids = {sample_id(p["problem"], k) for p, k in planned}
-    rows = [r for i, r in latest(records).items() if i in ids]
+    every answer saved on this --out (what --max-total-tokens limits). The latest: when a truncated
+    answer was asked again with a larger --max-tokens, the answer at the larger budget counts (the
+    older one stays in its file, flagged truncated)."""
+    ids, latest = {sample_id(p["problem"], k) for p, k in planned}, {}
+    for r in sorted(records, key=lambda r: -r["sampling"]["max_tokens"]):   # stable: of equal ones, the first
+        latest.setdefault(r["id"], r)
+    rows = [r for i, r in latest.items() if i in ids]
     c = Counter(f for r in rows for f in r["flags"])
     return {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
             "rejected": sum(not r["accepted"] for r in rows), "flags": {f: c[f] for f in FILTERS},
@@ -428,7 +383,7 @@ def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     args.problems, args.decontaminate = data_path(args.problems), [data_path(d) for d in args.decontaminate]
-    endpoint = is_endpoint(args.teacher)
+    endpoint = args.teacher.startswith(("http://", "https://"))
     if endpoint and not args.api_model:
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
     if not endpoint and not Path(args.teacher).is_dir():
@@ -442,13 +397,10 @@ def main(argv=None):
 
 def run(args):
     """main() once --out is ours alone."""
-    endpoint = is_endpoint(args.teacher)
     with model.user_errors(args.problems):
         problems = load_problems(args.problems)
     references = load_references(args.decontaminate) if args.decontaminate else None
-    keep, duplicates, contaminated = screen(problems, references, args.min_overlap)
-    if not args.keep_all:
-        keep = [p for p in keep if not p["contaminated"]]
+    keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
 
     files = paths(Path(args.out))
@@ -461,9 +413,9 @@ def run(args):
     todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
     before = counts(records, planned)
     budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
-    spent = budget_left is not None and budget_left <= 0
-    if spent:
-        todo = []
+    new, stopped = Counter(), None
+    if budget_left is not None and budget_left <= 0:
+        todo, stopped = [], "budget"
 
     params = sample.sampling_params(args)
     # a local teacher takes a while to load: only if needed
@@ -475,17 +427,14 @@ def run(args):
                "problems": {"file": args.problems, "total": len(problems), "sent": len(keep),
                             "duplicates": duplicates, "contaminated": contaminated,
                             "decontaminate": args.decontaminate},
-               "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate],
-                                              None if endpoint else args.teacher),
+               "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate], args.model),
                "runs": previous.get("runs", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None}]}
     model.write_json_atomic(files["run"], summary)    # before the first answer: traces always have a teacher
 
     started = time.time()
-    new, stopped = Counter(), ("budget" if spent else None)
     if todo:
-        totals = {**before, "planned": len(planned), "done": len(planned) - len(todo)}
         with model.user_errors():                   # e.g. a folder without a chat template: one line
-            new, stopped = distill(sampler, todo, params, args, files, totals, budget_left)
+            new, stopped = distill(sampler, todo, params, args, files, before, len(planned), budget_left)
 
     records = read_all([files["out"], files["rejected"]])
     done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
