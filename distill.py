@@ -134,13 +134,12 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
 def screen(problems, references, min_overlap, keep_all):
     """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated).
     A contaminated problem is sent only with keep_all."""
-    keep, duplicates, contaminated, first = [], [], [], {}
+    keep, duplicates, contaminated, seen = [], [], [], {}
     for p in problems:
-        key = normalize(p["problem"])
-        if key in first:
-            duplicates.append({"id": p["id"], "duplicate_of": first[key]})
+        first = seen.setdefault(normalize(p["problem"]), p["id"])   # the first problem with this text (ids are unique)
+        if first != p["id"]:
+            duplicates.append({"id": p["id"], "duplicate_of": first})
             continue
-        first[key] = p["id"]
         hit = contamination(p["problem"], references, min_overlap) if references else None
         if hit:
             contaminated.append({"id": p["id"], **hit})
@@ -163,9 +162,8 @@ def split_reasoning(c):
         return c.reasoning.strip(), c.text.strip(), "field", True
     text = c.opened + c.text                           # a local teacher's template may open <think> itself
     if "</think>" in text:                             # last one, as eval_aime.extract_answer reads it
-        thinking, solution = text.rsplit("</think>", 1)
-        thinking = thinking.split("<think>", 1)[-1]    # a server leaves out the <think> its template opened
-        return thinking.strip(), solution.strip(), "tags", True
+        thinking, solution = text.rsplit("</think>", 1)   # (a server leaves out the <think> its template opened)
+        return thinking.split("<think>", 1)[-1].strip(), solution.strip(), "tags", True
     if "<think>" in text:                              # stopped (or was cut) while still thinking
         return text.split("<think>", 1)[1].strip(), "", "tags", False
     return "", text.strip(), "none", True              # a plain answer, or o-series (reasoning hidden)
@@ -203,10 +201,11 @@ def paths(out):
 
 
 def read_all(files):
-    """Every complete record of the given files (torn last lines cut off first: check_config has made
-    sure they are ours)."""
+    """(every answer saved in <out> and the rejected file, every error filed): their complete records,
+    torn last lines cut off first (check_config has made sure the files are ours)."""
     with model.user_errors():
-        return [r for f in files for r in model.read_records(f, repair=True)]
+        return ([r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)],
+                model.read_records(files["errors"], repair=True))
 
 
 def is_done(r, max_tokens):
@@ -251,32 +250,26 @@ def check_config(files, config):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer (an integer or LaTeX)}, "
-                    "or a bundled set by name (data/NAME.jsonl)")
+    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
     ap.add_argument("--teacher", required=True, help="an OpenAI-compatible URL (http(s)://.../v1) or a model folder")
     ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
     ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
-    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
-                    help="evaluation sets (files or bundled names: aime24 aime25 amc23 math500): a problem "
-                    "sharing a word 8-gram with one of theirs is not sent (see --min-overlap)")
-    ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP,
-                    help="contamination: shared 8-grams must cover more than this fraction of the shorter "
-                    "problem's 8-grams (default 0: any shared 8-gram)")
-    ap.add_argument("--max-total-tokens", type=model.number(1),
-                    help="stop sending once the saved answers hold this many completion tokens (all runs on "
-                    "this --out together); answers in flight are still saved")
+    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE", help="evaluation sets (files or bundled "
+                    "names: aime24 aime25 amc23 math500): a problem sharing a word 8-gram with one is not sent")
+    ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP, help="contamination: shared "
+                    "8-grams must cover more than this fraction of the shorter problem's 8-grams (default 0: any)")
+    ap.add_argument("--max-total-tokens", type=model.number(1), help="stop sending once the saved answers hold this "
+                    "many completion tokens (all runs on this --out together); answers in flight are still saved")
     ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
     ap.add_argument("--raw-prompt", action="store_true", help="local teacher: send the user turn as plain text, "
                     "no chat template (base models; an endpoint always gets a chat message)")
-    ap.add_argument("--keep-all", action="store_true", help="write every answer to --out with its flags "
-                    "(contaminated problems are sent too); sft.py trains on all of them, except rows without "
-                    "thinking or solution, which it refuses (or skips with --skip-bad)")
+    ap.add_argument("--keep-all", action="store_true", help="every answer to --out, with its flags (contaminated "
+                    "problems sent too); sft.py refuses rows without thinking or solution (or skips them: --skip-bad)")
     ap.add_argument("--plain-ok", action="store_true", help="the teacher is not a reasoning model: accept answers "
                     "without thinking (the whole answer is the chain; sft.py then trains on the solution alone)")
     # the sampling flags sample.py and eval_aime.py share (--max-tokens is --max-new-tokens), less --base-url
     sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768, timeout=1800.0, distill=True)
-    ap.add_argument("--seed", type=int, default=0,
-                    help="base seed: sample k of a problem is sent a seed hashed from (seed, problem, k)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of a problem gets hash(seed, problem, k)")
     return ap
 
 
@@ -321,8 +314,7 @@ def distill(sampler, todo, params, args, files, before, planned, budget_left):
             else:
                 r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
                 model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
-                new["accepted" if r["accepted"] else "rejected"] += 1
-                new["tokens"] += c.num_tokens
+                new.update({"accepted" if r["accepted"] else "rejected": 1, "tokens": c.num_tokens})
                 new["no_usage"] += c.num_tokens == 0
                 bar.update(1)
                 if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
@@ -347,10 +339,9 @@ def counts(records, planned):
     for r in sorted(records, key=lambda r: -r["sampling"]["max_tokens"]):   # stable: of equal ones, the first
         latest.setdefault(r["id"], r)
     rows = [r for i, r in latest.items() if i in ids]
-    c = Counter(f for r in rows for f in r["flags"])
     return {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
-            "rejected": sum(not r["accepted"] for r in rows), "flags": {f: c[f] for f in FILTERS},
-            "tokens_paid": sum(r["num_tokens"] for r in records),
+            "rejected": sum(not r["accepted"] for r in rows), "tokens_paid": sum(r["num_tokens"] for r in records),
+            "flags": {f: sum(f in r["flags"] for r in rows) for f in FILTERS},
             "reasoning_tokens": sum(r.get("reasoning_tokens") or 0 for r in records),
             "reasoning_hidden": sum(not r["reasoning_visible"] and bool(r.get("reasoning_tokens")) for r in rows)}
 
@@ -407,8 +398,7 @@ def run(args):
     model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
     config = run_config(args)
     previous = check_config(files, config)
-    records = read_all([files["out"], files["rejected"]])
-    read_all([files["errors"]])                        # only to cut a torn line before appending to it
+    records, _ = read_all(files)                       # (and a torn line of the errors file cut before appending)
     done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
     todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
     before = counts(records, planned)
@@ -420,13 +410,11 @@ def run(args):
     params = sample.sampling_params(args)
     # a local teacher takes a while to load: only if needed
     sampler = sample.sampler_from_args(args) if todo else None
-    summary = {"config": config, "samples_per_problem": args.samples_per_problem,
-               "max_tokens": args.max_new_tokens, "max_total_tokens": args.max_total_tokens,
+    summary = {"config": config, "samples_per_problem": args.samples_per_problem, "max_tokens": args.max_new_tokens,
+               "max_total_tokens": args.max_total_tokens, "sampling": dataclasses.asdict(params),
                "teacher": sampler.describe() if sampler else previous.get("teacher"),
-               "sampling": dataclasses.asdict(params),
-               "problems": {"file": args.problems, "total": len(problems), "sent": len(keep),
-                            "duplicates": duplicates, "contaminated": contaminated,
-                            "decontaminate": args.decontaminate},
+               "problems": {"file": args.problems, "total": len(problems), "sent": len(keep), "duplicates": duplicates,
+                            "contaminated": contaminated, "decontaminate": args.decontaminate},
                "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate], args.model),
                "runs": previous.get("runs", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None}]}
     model.write_json_atomic(files["run"], summary)    # before the first answer: traces always have a teacher
@@ -436,12 +424,11 @@ def run(args):
         with model.user_errors():                   # e.g. a folder without a chat template: one line
             new, stopped = distill(sampler, todo, params, args, files, before, len(planned), budget_left)
 
-    records = read_all([files["out"], files["rejected"]])
+    records, errors = read_all(files)
     done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
     missing = {sample_id(p["problem"], k) for p, k in planned} - done
-    failed = {e["id"] for e in read_all([files["errors"]])}
     summary["counts"] = counts(records, planned)
-    summary["missing"], summary["failing"] = len(missing), len(missing & failed)
+    summary["missing"], summary["failing"] = len(missing), len(missing & {e["id"] for e in errors})
     summary["this_run"] = {"new_answers": new["accepted"] + new["rejected"], "new_tokens": new["tokens"],
                            "errors": new["errors"], "no_usage": new["no_usage"], "stopped": stopped,
                            "seconds": round(time.time() - started, 3)}

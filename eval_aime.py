@@ -28,7 +28,6 @@ import glob
 import hashlib
 import json
 import math
-import operator
 import os
 import re
 import select
@@ -38,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import model
@@ -58,9 +58,8 @@ def last_box(text):
     """Content of the last \\boxed{...} / \\fbox{...} (or `\\boxed 5`); None if the last one is unclosed."""
     box = _LAST_BOX.match(text)
     rest = text[box.end():] if box else ""
-    if not rest.startswith("{"):
-        token = re.match(r"[^\s$]+", rest)     # `\boxed 204` as models write it (LaTeX would box "2")
-        return token.group(0) if token else None
+    if not rest.startswith("{"):               # `\boxed 204` as models write it (LaTeX would box "2")
+        return re.match(r"[^\s$]*", rest).group(0) or None
     depth = 0
     for t in re.finditer(r"\\.|[{}]", rest, re.S):   # \{ and \} are literal braces, not grouping
         depth += {"{": 1, "}": -1}.get(t.group(), 0)
@@ -78,8 +77,7 @@ def parse_integer(s):
     s = _NOISE.sub("", s).rsplit("=", 1)[-1].rstrip(".")   # "m+n=33": the answer is what the box equates to
     while s.startswith("{") and s.endswith("}"):
         s = s[1:-1]
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", s):  # commas only as thousands groups; "3,5" is a list
-        s = s.replace(",", "")
+    s = s.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", s) else s   # only thousands: "3,5" is a list
     m = re.fullmatch(r"([-+]?\d+)(\.0*)?", s)
     return int(m.group(1)) if m else None
 
@@ -189,21 +187,16 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def vote(answers, same=operator.eq):
+def vote(answers, same):
     """Classes of answers that are the same (same(a, b)), None left out, as lists of indices: the
-    largest first, a tie to the class whose first answer came first."""
+    largest first, a tie to the class whose first answer came first. The majority answer (maj@k) is
+    the first of the first class."""
     classes = {}                               # index of a class's first answer -> the indices in the class
     for i, a in enumerate(answers):
         if a is not None:
             first = next((f for f in classes if same(answers[f], a)), i)   # i: a class of its own
             classes.setdefault(first, []).append(i)
     return sorted(classes.values(), key=lambda c: (-len(c), c[0]))
-
-
-def majority(answers, same=operator.eq):
-    """The first answer of the largest class (see vote), or None."""
-    classes = vote(answers, same)
-    return answers[classes[0][0]] if classes else None
 
 
 def mean_stderr(values):
@@ -334,8 +327,8 @@ def sample_seed(seed, pid, k):
 # ---- the records file: append-only, resumable, one file per shard (<out>.shardIofN) ----
 
 def record_files(out):
-    shards = glob.glob(glob.escape(str(out)) + ".shard*of*")
-    return [out] + sorted(Path(p) for p in shards if not p.endswith(".lock"))   # not their output_lock files
+    """--out, then the shard files, not their output_lock files."""
+    return [out] + sorted(p for p in out.parent.glob(glob.escape(out.name) + ".shard*of*") if p.suffix != ".lock")
 
 
 def load_records(out, own=None):
@@ -350,11 +343,9 @@ def load_records(out, own=None):
 def run_config(args, params):
     """Everything a sample depends on. Not here: --samples, --limit, --shard, batch size, concurrency,
     timeout (they choose which samples to draw or how fast, never what a sample is)."""
-    return {"data_sha256": model.sha256_file(args.data),
-            "model": str(Path(args.model).resolve()) if args.model else None,
-            "model_fingerprint": model.folder_fingerprint(args.model),
-            "base_url": args.base_url, "api_model": args.api_model,
-            "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
+    return {"data_sha256": model.sha256_file(args.data), "model_fingerprint": model.folder_fingerprint(args.model),
+            "model": str(Path(args.model).resolve()) if args.model else None, "base_url": args.base_url,
+            "api_model": args.api_model, "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
             **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype,
             # only when given, so that runs made before the flag existed still resume
             **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}),
@@ -515,19 +506,17 @@ def main(argv=None, sampler=None):
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
     with model.user_errors(args.data):
         every = load_problems(args.data)
-    shard = shard_of(args.shard)
-    rank, world, _ = shard
+    rank, world, wait_for_others = shard_of(args.shard)
     if world > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
     out = Path(args.out) if args.out else None
     own = out if world == 1 else Path(f"{out}.shard{rank}of{world}")   # this process's records file
     with model.output_lock(own) if out else contextlib.nullcontext():
-        return score(args, every, out, own, shard, sampler)
+        return score(args, every, sampler, out, own, rank, world, wait_for_others)
 
 
-def score(args, every, out, own, shard, sampler):
+def score(args, every, sampler, out, own, rank, world, wait_for_others):
     """main() once --out is ours alone: resume, sample what is missing, gather the shards, merge, summarize."""
-    rank, world, wait_for_others = shard
     problems, params = every[:args.limit], sample.sampling_params(args)
     config, done = run_config(args, params), {}
     if out:
@@ -540,16 +529,12 @@ def score(args, every, out, own, shard, sampler):
     mine = problems[rank::world]
     todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
-    if sampler is None:
-        if world > 1 and "LOCAL_RANK" in os.environ:
-            import torch                      # one GPU per rank: "cuda" / "auto" then means this rank's GPU
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        sampler = sample.sampler_from_args(args)
+    if sampler is None and world > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # one GPU per rank: "cuda" / "auto" means this one
+    sampler = sample.sampler_from_args(args) if sampler is None else sampler
     if out:                                   # (the same config, when it was there: check_config compared them)
         model.write_json_atomic(Path(f"{out}.config.json"), config)
-    total = len(mine) * args.samples
-    desc = "eval" if world == 1 else f"eval shard {rank}/{world}"
+    total, desc = len(mine) * args.samples, ("eval" if world == 1 else f"eval shard {rank}/{world}")
     with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
         try:
             stats = draw(sampler, todo, params, args, own, done, bar)
@@ -570,10 +555,9 @@ def score(args, every, out, own, shard, sampler):
         merge(out, done, every)               # also re-grades the answers in `done`
 
     metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
-    summary = {"metrics": metrics, "per_problem": per_problem, "config": config,
+    summary = {"metrics": metrics, "per_problem": per_problem, "config": config, "sampler": sampler.describe(),
                "settings": {"samples": args.samples, "limit": args.limit, "shards": world,
-                            "batch_size": args.batch_size, "concurrency": args.concurrency},
-               "sampler": sampler.describe(), "throughput": stats,
+                            "batch_size": args.batch_size, "concurrency": args.concurrency}, "throughput": stats,
                "manifest": model.run_manifest(vars(args), [args.data], args.model)}
     if out:
         model.write_json_atomic(Path(f"{out}.summary.json"), summary)
