@@ -138,8 +138,7 @@ for line in sys.stdin:         # parse and verify catch their own errors (raise_
 
 
 class _Grader:
-    def __init__(self):
-        self.proc, self.lock = None, threading.Lock()
+    proc, lock = None, threading.Lock()        # the child, and one answer at a time
 
     def reply(self, timeout):
         """The child's next line, or None when it writes none within `timeout` seconds."""
@@ -474,15 +473,14 @@ def report(metrics, per_problem, stats, args):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set by name: "
-                    "aime24, aime25, amc23, math500, aime_historical (data/NAME.jsonl)")
+    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
     ap.add_argument("--system", help="a system message before each problem, e.g. a teacher's prompt from its "
                     "distill.py run.json, to score it exactly as it was prompted (default: none, as users prompt)")
     ap.add_argument("--limit", type=model.number(1), help="score only the first N problems")
-    ap.add_argument("--out", help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
+    ap.add_argument("--out", type=Path, help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
     # the flags every sampling script shares, with the DeepSeek-R1 protocol as defaults
     sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768)
@@ -509,60 +507,58 @@ def main(argv=None, sampler=None):
     rank, world, wait_for_others = shard_of(args.shard)
     if world > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
-    out = Path(args.out) if args.out else None
-    own = out if world == 1 else Path(f"{out}.shard{rank}of{world}")   # this process's records file
-    with model.output_lock(own) if out else contextlib.nullcontext():
-        return score(args, every, sampler, out, own, rank, world, wait_for_others)
-
-
-def score(args, every, sampler, out, own, rank, world, wait_for_others):
-    """main() once --out is ours alone: resume, sample what is missing, gather the shards, merge, summarize."""
-    problems, params = every[:args.limit], sample.sampling_params(args)
+    out, problems, params = args.out, every[:args.limit], sample.sampling_params(args)
     config, done = run_config(args, params), {}
-    if out:
-        if world == 1:
-            model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
-                                                 for s in ("", ".config.json", ".summary.json")))
-        check_config(out, config)
-        with model.user_errors():
-            done = load_records(out, own)
-    mine = problems[rank::world]
-    todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
+    own = out if world == 1 else Path(f"{out}.shard{rank}of{world}")   # this process's records file
+    with model.output_lock(own) if out else contextlib.nullcontext():  # --out is ours alone from here
+        # resume: the samples already drawn with this configuration
+        if out:
+            if world == 1:
+                model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
+                                                     for s in ("", ".config.json", ".summary.json")))
+            check_config(out, config)
+            with model.user_errors():
+                done = load_records(out, own)
+        mine = problems[rank::world]
+        todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
-    if sampler is None and world > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # one GPU per rank: "cuda" / "auto" means this one
-    sampler = sample.sampler_from_args(args) if sampler is None else sampler
-    if out:                                   # (the same config, when it was there: check_config compared them)
-        model.write_json_atomic(Path(f"{out}.config.json"), config)
-    total, desc = len(mine) * args.samples, ("eval" if world == 1 else f"eval shard {rank}/{world}")
-    with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
-        try:
-            stats = draw(sampler, todo, params, args, own, done, bar)
-        except ValueError as e:               # e.g. a folder without a chat template: use --raw-prompt
-            raise SystemExit(f"eval_aime.py: {e}")
+        # sample what is missing
+        if sampler is None and world > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # one GPU per rank: "cuda" / "auto" means this one
+        sampler = sample.sampler_from_args(args) if sampler is None else sampler
+        if out:                               # (the same config, when it was there: check_config compared them)
+            model.write_json_atomic(Path(f"{out}.config.json"), config)
+        total, desc = len(mine) * args.samples, ("eval" if world == 1 else f"eval shard {rank}/{world}")
+        with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
+            try:
+                stats = draw(sampler, todo, params, args, own, done, bar)
+            except ValueError as e:           # e.g. a folder without a chat template: use --raw-prompt
+                raise SystemExit(f"eval_aime.py: {e}")
 
-    if out:                                   # gather every shard's records, merge them into --out
-        if wait_for_others and rank != 0:
-            return None                       # torchrun: rank 0 merges
-        needed = [(p["id"], k) for p in problems for k in range(args.samples)]
-        while wait_for_others and any(key not in done for key in needed):
-            time.sleep(2)                     # torchrun: the other ranks are still sampling
-            done = load_records(out)
-        if missing := sum(key not in done for key in needed):
-            print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
-                  f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
-            return None
-        merge(out, done, every)               # also re-grades the answers in `done`
+        # gather every shard's records, merge them into --out
+        if out:
+            if wait_for_others and rank != 0:
+                return None                   # torchrun: rank 0 merges
+            needed = [(p["id"], k) for p in problems for k in range(args.samples)]
+            while wait_for_others and any(key not in done for key in needed):
+                time.sleep(2)                 # torchrun: the other ranks are still sampling
+                done = load_records(out)
+            if missing := sum(key not in done for key in needed):
+                print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
+                      f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
+                return None
+            merge(out, done, every)           # also re-grades the answers in `done`
 
-    metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
-    summary = {"metrics": metrics, "per_problem": per_problem, "config": config, "sampler": sampler.describe(),
-               "settings": {"samples": args.samples, "limit": args.limit, "shards": world,
-                            "batch_size": args.batch_size, "concurrency": args.concurrency}, "throughput": stats,
-               "manifest": model.run_manifest(vars(args), [args.data], args.model)}
-    if out:
-        model.write_json_atomic(Path(f"{out}.summary.json"), summary)
-    report(metrics, per_problem, stats, args)
-    return summary
+        # summarize
+        metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
+        summary = {"metrics": metrics, "per_problem": per_problem, "config": config, "sampler": sampler.describe(),
+                   "settings": {"samples": args.samples, "limit": args.limit, "shards": world,
+                                "batch_size": args.batch_size, "concurrency": args.concurrency}, "throughput": stats,
+                   "manifest": model.run_manifest(vars(args), [args.data], args.model)}
+        if out:
+            model.write_json_atomic(Path(f"{out}.summary.json"), summary)
+        report(metrics, per_problem, stats, args)
+        return summary
 
 
 if __name__ == "__main__":
