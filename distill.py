@@ -117,11 +117,10 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
     its overlap and one shared 8-gram, to audit.
     A problem shorter than 8 words has no 8-gram: it must equal a reference problem to match."""
     owners, sizes, texts = references
-    words = normalize(text).split()
-    grams = ngrams(words)
+    text = normalize(text)
+    grams = ngrams(text.split())
     if not grams:
-        hit = texts.get(" ".join(words))
-        return {"matches": hit, "overlap": 1.0, "ngram": " ".join(words)} if hit else None
+        return {"matches": texts[text], "overlap": 1.0, "ngram": text} if text in texts else None
     shared = Counter(ref for g in grams for ref in owners.get(g, ()))
     for ref, n in shared.most_common():
         overlap = n / min(len(grams), sizes[ref])
@@ -140,7 +139,7 @@ def screen(problems, references, min_overlap, keep_all):
         if first != p["id"]:
             duplicates.append({"id": p["id"], "duplicate_of": first})
             continue
-        hit = contamination(p["problem"], references, min_overlap) if references else None
+        hit = contamination(p["problem"], references, min_overlap)
         if hit:
             contaminated.append({"id": p["id"], **hit})
         if keep_all or not hit:
@@ -200,17 +199,14 @@ def paths(out):
             "run": Path(f"{out}.run.json")}
 
 
-def read_all(files):
-    """(every answer saved in <out> and the rejected file, every error filed): their complete records,
-    torn last lines cut off first (check_config has made sure the files are ours)."""
+def read_all(files, max_tokens):
+    """(every answer saved in <out> and the rejected file, the ids of those that count as done, the ids
+    of the errors filed), torn last lines cut off first (check_config has made sure the files are ours).
+    An answer counts as done unless it was cut at a smaller --max-tokens than this run's."""
     with model.user_errors():
-        return ([r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)],
-                model.read_records(files["errors"], repair=True))
-
-
-def is_done(r, max_tokens):
-    """A saved answer counts as done, unless it was cut at a smaller budget than this run's."""
-    return not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)
+        rows = [r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)]
+        done = {r["id"] for r in rows if not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)}
+        return rows, done, {e["id"] for e in model.read_records(files["errors"], repair=True)}
 
 
 def run_config(args):
@@ -238,8 +234,7 @@ def check_config(files, config):
         model.refuse_changes(previous.get("config", {}), config, f"{files['run']} was made with a different "
                              "configuration ({}). Use another --out, or the same settings to resume.")
         return previous
-    found = [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]
-    if found:
+    if found := [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]:
         raise UserError(f"{found[0]} exists but {files['run']} does not: it is not a distill.py output. "
                         "Use another --out.")
     return {}
@@ -285,8 +280,8 @@ class Stop:
         print("\ndistill.py: stopping: saving the answers in flight (again to abort)", file=sys.stderr)
 
 
-def distill(sampler, todo, params, args, files, before, planned, budget_left):
-    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. before: the
+def distill(sampler, todo, params, args, files, saved, planned, budget_left):
+    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. saved: the
     counts of the answers saved before this run; planned: how many answers the run plans in all."""
     stop, endpoint, new = Stop(), args.base_url is not None, Counter()
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
@@ -297,34 +292,33 @@ def distill(sampler, todo, params, args, files, before, planned, budget_left):
     # pulls the next request only when one of its `concurrency` slots frees up
     requests = (Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
                 for p, k in todo if not stop.reason)
-    bar = tqdm(total=planned, initial=planned - len(todo), unit="answer", desc="distill")
+    # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
+    # one failed request must not lose the others in flight
     try:
-        # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
-        # one failed request must not lose the others in flight
-        for i, c in sampler.generate(requests, params, errors="yield"):
-            p, k = todo[i]
-            if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
-                c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
-            if isinstance(c, EndpointError):
-                error = {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "status": c.status,
-                         "attempts": c.attempts, "error": sampler.scrub(str(c)),
-                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                model.append_record(files["errors"], error)
-                new["errors"] += 1
-            else:
-                r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
-                model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
-                new.update({"accepted" if r["accepted"] else "rejected": 1, "tokens": c.num_tokens})
-                new["no_usage"] += c.num_tokens == 0
-                bar.update(1)
-                if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
-                    stop.reason = "budget"
-                    if not endpoint:
-                        break                        # local rows in flight cost nothing but time
-            bar.set_postfix(accepted=before["accepted"] + new["accepted"], errors=new["errors"], refresh=False,
-                            rejected=before["rejected"] + new["rejected"], tokens=before["tokens_paid"] + new["tokens"])
+        with tqdm(total=planned, initial=planned - len(todo), unit="answer", desc="distill") as bar:
+            for i, c in sampler.generate(requests, params, errors="yield"):
+                p, k = todo[i]
+                if isinstance(c, PromptTooLong):     # a local teacher's context: recorded, never asked again
+                    c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
+                if isinstance(c, EndpointError):
+                    error = {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "status": c.status,
+                             "attempts": c.attempts, "error": sampler.scrub(str(c)),
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    model.append_record(files["errors"], error)
+                    new["errors"] += 1
+                else:
+                    r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
+                    model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
+                    new.update({"accepted" if r["accepted"] else "rejected": 1, "tokens": c.num_tokens})
+                    new["no_usage"] += c.num_tokens == 0
+                    bar.update(1)
+                    if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
+                        stop.reason = "budget"
+                        if not endpoint:
+                            break                    # local rows in flight cost nothing but time
+                bar.set_postfix(accepted=saved["accepted"] + new["accepted"], errors=new["errors"], refresh=False,
+                                rejected=saved["rejected"] + new["rejected"], tokens=saved["tokens_paid"] + new["tokens"])
     finally:
-        bar.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return new, stop.reason
@@ -390,7 +384,7 @@ def run(args):
     """main() once --out is ours alone."""
     with model.user_errors(args.problems):
         problems = load_problems(args.problems)
-    references = load_references(args.decontaminate) if args.decontaminate else None
+    references = load_references(args.decontaminate)     # (none: nothing is contaminated)
     keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
 
@@ -398,8 +392,7 @@ def run(args):
     model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
     config = run_config(args)
     previous = check_config(files, config)
-    records, _ = read_all(files)                       # (and a torn line of the errors file cut before appending)
-    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
+    records, done, _ = read_all(files, args.max_new_tokens)   # (also cuts a torn line off the errors file)
     todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
     before = counts(records, planned)
     budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
@@ -424,11 +417,9 @@ def run(args):
         with model.user_errors():                   # e.g. a folder without a chat template: one line
             new, stopped = distill(sampler, todo, params, args, files, before, len(planned), budget_left)
 
-    records, errors = read_all(files)
-    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
+    records, done, failed = read_all(files, args.max_new_tokens)
     missing = {sample_id(p["problem"], k) for p, k in planned} - done
-    summary["counts"] = counts(records, planned)
-    summary["missing"], summary["failing"] = len(missing), len(missing & {e["id"] for e in errors})
+    summary.update(counts=counts(records, planned), missing=len(missing), failing=len(missing & failed))
     summary["this_run"] = {"new_answers": new["accepted"] + new["rejected"], "new_tokens": new["tokens"],
                            "errors": new["errors"], "no_usage": new["no_usage"], "stopped": stopped,
                            "seconds": round(time.time() - started, 3)}
