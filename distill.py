@@ -80,8 +80,7 @@ def normalize(text):
     """Text as compared for duplicates and contamination: lowercase, LaTeX commands (\\frac, \\dfrac,
     \\left) removed, punctuation and math symbols turned into spaces, whitespace collapsed. Digits
     stay: they are what tells two otherwise identical problems apart."""
-    text = re.sub(r"\\[a-zA-Z]+", " ", text.lower())
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+    return " ".join(re.sub(r"[\W_]+", " ", re.sub(r"\\[a-zA-Z]+", " ", text.lower())).split())
 
 
 def ngrams(words, n=NGRAM):
@@ -121,8 +120,7 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
     grams = ngrams(text.split())
     if not grams:
         return {"matches": texts[text], "overlap": 1.0, "ngram": text} if text in texts else None
-    shared = Counter(ref for g in grams for ref in owners.get(g, ()))
-    for ref, n in shared.most_common():
+    for ref, n in Counter(ref for g in grams for ref in owners.get(g, ())).most_common():   # by 8-grams shared
         overlap = n / min(len(grams), sizes[ref])
         if overlap > min_overlap or (min_overlap > 0 and overlap >= min_overlap):
             ngram = next(" ".join(g) for g in grams if ref in owners.get(g, ()))
@@ -175,8 +173,8 @@ def seed_of(args, p, k):
 
 def make_record(p, k, seed, c, params, teacher, plain_ok=False):
     thinking, solution, source, closed = split_reasoning(c)
-    extracted = final_answer(solution, p["answer"]) if closed else None
-    correct = extracted is not None and check_answer(solution, p["answer"])
+    # (thinking that never closed leaves no solution: an answer inside it is no answer)
+    extracted, correct = final_answer(solution, p["answer"]), check_answer(solution, p["answer"])
     failed = {"contaminated": p["contaminated"], "truncated": c.finish_reason == "length", "unclosed_think": not closed,
               "no_thinking": closed and not thinking and not plain_ok, "no_answer": extracted is None,
               "wrong": extracted is not None and not correct}
@@ -193,11 +191,6 @@ def make_record(p, k, seed, c, params, teacher, plain_ok=False):
 
 
 # ---- files: append-only, one line per answer (model.append_record) ----
-
-def paths(out):
-    return {"out": out, "rejected": Path(f"{out}.rejected.jsonl"), "errors": Path(f"{out}.errors.jsonl"),
-            "run": Path(f"{out}.run.json")}
-
 
 def read_all(files, max_tokens):
     """(every answer saved in <out> and the rejected file, the ids of those that count as done, the ids
@@ -280,9 +273,9 @@ class Stop:
         print("\ndistill.py: stopping: saving the answers in flight (again to abort)", file=sys.stderr)
 
 
-def distill(sampler, todo, params, args, files, saved, planned, budget_left):
-    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. saved: the
-    counts of the answers saved before this run; planned: how many answers the run plans in all."""
+def distill(sampler, todo, params, args, files, old, planned, budget_left):
+    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. old: the counts
+    of the answers saved before this run (see counts); planned: how many answers the run plans in all."""
     stop, endpoint, new = Stop(), args.base_url is not None, Counter()
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
     # an endpoint's answers in flight are paid for: worth the wait (and signals reach only the main thread)
@@ -312,12 +305,12 @@ def distill(sampler, todo, params, args, files, saved, planned, budget_left):
                     new.update({"accepted" if r["accepted"] else "rejected": 1, "tokens": c.num_tokens})
                     new["no_usage"] += c.num_tokens == 0
                     bar.update(1)
-                    if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
+                    if new["tokens"] >= budget_left and not stop.reason:
                         stop.reason = "budget"
                         if not endpoint:
                             break                    # local rows in flight cost nothing but time
-                bar.set_postfix(accepted=saved["accepted"] + new["accepted"], errors=new["errors"], refresh=False,
-                                rejected=saved["rejected"] + new["rejected"], tokens=saved["tokens_paid"] + new["tokens"])
+                bar.set_postfix(accepted=old["accepted"] + new["accepted"], rejected=old["rejected"] + new["rejected"],
+                                errors=new["errors"], tokens=old["tokens_paid"] + new["tokens"], refresh=False)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -341,13 +334,13 @@ def counts(records, planned):
 
 
 def report(summary, files):
-    s, c, p = summary, summary["counts"], summary["problems"]
+    s, c, p, keep_all = summary, summary["counts"], summary["problems"], summary["config"]["keep_all"]
     print(f"\n{p['total']} problems in {p['file']}: {len(p['duplicates'])} duplicates and "
-          f"{len(p['contaminated'])} contaminated {'flagged' if s['config']['keep_all'] else 'not sent'}, "
+          f"{len(p['contaminated'])} contaminated {'flagged' if keep_all else 'not sent'}, "
           f"{p['sent']} x {s['samples_per_problem']} answers planned")
     print(f"{'answers saved':<46} {c['answers']:>8}")
     print(f"{'  accepted':<46} {c['accepted']:>8}   -> {files['out']}")
-    print(f"{'  rejected':<46} {c['rejected']:>8}   -> {files['out' if s['config']['keep_all'] else 'rejected']}")
+    print(f"{'  rejected':<46} {c['rejected']:>8}   -> {files['out' if keep_all else 'rejected']}")
     for name, why in FILTERS.items():
         print(f"{'    ' + why:<46} {c['flags'][name]:>8}")
     print(f"{'still failing (rerun to retry)':<46} {s['failing']:>8}   -> {files['errors']}")
@@ -388,17 +381,16 @@ def run(args):
     keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
 
-    files = paths(Path(args.out))
+    files = {k: Path(f"{args.out}{suffix}") for k, suffix in   # see the module docstring
+             (("out", ""), ("rejected", ".rejected.jsonl"), ("errors", ".errors.jsonl"), ("run", ".run.json"))}
     model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
     config = run_config(args)
     previous = check_config(files, config)
     records, done, _ = read_all(files, args.max_new_tokens)   # (also cuts a torn line off the errors file)
-    todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
-    before = counts(records, planned)
-    budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
-    new, stopped = Counter(), None
-    if budget_left is not None and budget_left <= 0:
-        todo, stopped = [], "budget"
+    old = counts(records, planned)
+    budget_left = args.max_total_tokens - old["tokens_paid"] if args.max_total_tokens else float("inf")
+    new, stopped = Counter(), ("budget" if budget_left <= 0 else None)    # spent by the earlier runs
+    todo = [] if stopped else [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
 
     params = sample.sampling_params(args)
     # a local teacher takes a while to load: only if needed
@@ -415,7 +407,7 @@ def run(args):
     started = time.time()
     if todo:
         with model.user_errors():                   # e.g. a folder without a chat template: one line
-            new, stopped = distill(sampler, todo, params, args, files, before, len(planned), budget_left)
+            new, stopped = distill(sampler, todo, params, args, files, old, len(planned), budget_left)
 
     records, done, failed = read_all(files, args.max_new_tokens)
     missing = {sample_id(p["problem"], k) for p, k in planned} - done
