@@ -56,8 +56,7 @@ _NOISE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree|\\%|%|\\\$|\$|\\[!,;: ]|~
 
 def last_box(text):
     """Content of the last \\boxed{...} / \\fbox{...} (or `\\boxed 5`); None if the last one is unclosed."""
-    box = _LAST_BOX.match(text)
-    rest = text[box.end():] if box else ""
+    rest = text[box.end():] if (box := _LAST_BOX.match(text)) else ""
     if not rest.startswith("{"):               # `\boxed 204` as models write it (LaTeX would box "2")
         return re.match(r"[^\s$]*", rest).group(0) or None
     depth = 0
@@ -108,9 +107,7 @@ def check_answer(text, gold):
     """The one grading rule of the project: is the final answer of `text` the gold answer?
     Integer gold: integer equality. Any other gold: math-verify equivalence of the boxed LaTeX."""
     answer, expected = final_answer(text, gold), gold_integer(gold)
-    if expected is not None:
-        return answer == expected
-    return answer is not None and equivalent(str(gold), answer)
+    return answer == expected if expected is not None else answer is not None and equivalent(str(gold), answer)
 
 
 # math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
@@ -191,10 +188,9 @@ def vote(answers, same):
     largest first, a tie to the class whose first answer came first. The majority answer (maj@k) is
     the first of the first class."""
     classes = {}                               # index of a class's first answer -> the indices in the class
-    for i, a in enumerate(answers):
-        if a is not None:
-            first = next((f for f in classes if same(answers[f], a)), i)   # i: a class of its own
-            classes.setdefault(first, []).append(i)
+    for i in [i for i, a in enumerate(answers) if a is not None]:
+        first = next((f for f in classes if same(answers[f], answers[i])), i)   # i: a class of its own
+        classes.setdefault(first, []).append(i)
     return sorted(classes.values(), key=lambda c: (-len(c), c[0]))
 
 
@@ -261,13 +257,11 @@ def _first(row, keys):
     return next((row[k] for k in keys if k in row), None)
 
 
-def gold_integer(value):
+def gold_integer(v):
     """An answer field as an int ("033", 33, 33.0), else None."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if type(value) is int else None   # not a bool (an int to isinstance)
+    if (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and re.fullmatch(r"\s*[-+]?\d+\s*", v)):
+        return int(v)
+    return v if type(v) is int else None      # not a bool (an int to isinstance)
 
 
 def data_path(name):
@@ -309,9 +303,8 @@ def load_problems(path):
             answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
         if answer is None:
             raise ValueError(f"{path}:{lineno}: no answer (a non-empty string or number in field answer), got {raw!r}")
-        if pid in seen:
-            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = lineno
+        if (first := seen.setdefault(pid, lineno)) != lineno:
+            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {first})")
         problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
     if not problems:
         raise ValueError(f"{path}: no problems")
@@ -477,15 +470,13 @@ def build_parser():
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
-    ap.add_argument("--system", help="a system message before each problem, e.g. a teacher's prompt from its "
-                    "distill.py run.json, to score it exactly as it was prompted (default: none, as users prompt)")
+    ap.add_argument("--system", help="a system message before each problem, e.g. the one a distill.py run.json records")
     ap.add_argument("--limit", type=model.number(1), help="score only the first N problems")
     ap.add_argument("--out", type=Path, help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
     # the flags every sampling script shares, with the DeepSeek-R1 protocol as defaults
     sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768)
-    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of problem i gets a seed hashed "
-                    "from (seed, i, k), the same whatever K, --limit or sharding")
+    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of problem i gets hash(seed, i, k)")
     return ap
 
 
