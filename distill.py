@@ -59,23 +59,19 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import check_answer, data_path, final_answer, load_problems, sample_seed
+from eval_aime import check_answer, data_path, final_answer, load_problems, problem_rows, sample_seed
 from model import PROMPT_SUFFIX, UserError, user_prompt
 from sample import Completion, EndpointError, PromptTooLong, Request
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
 MIN_OVERLAP = 0.0  # ... covering more than this fraction of the shorter problem's 8-grams: 0 = any shared 8-gram
 
-# Filters in the order they are checked; a rejected answer lists every one it fails.
-FILTERS = {
-    "contaminated": "overlaps a --decontaminate problem",   # only sent with --keep-all
-    "prompt_too_long": "prompt longer than the teacher's context",   # local teachers: never sent
-    "truncated": "cut at --max-tokens (finish_reason length)",
-    "unclosed_think": "<think> never closed",
-    "no_thinking": "no visible thinking",
-    "no_answer": "no boxed answer",
-    "wrong": "wrong answer",
-}
+# Filters in the order they are checked; a rejected answer lists every one it fails. Contaminated problems
+# are only sent with --keep-all; a prompt too long for a local teacher's context is never sent.
+FILTERS = {"contaminated": "overlaps a --decontaminate problem",
+           "prompt_too_long": "prompt longer than the teacher's context",
+           "truncated": "cut at --max-tokens (finish_reason length)", "unclosed_think": "<think> never closed",
+           "no_thinking": "no visible thinking", "no_answer": "no boxed answer", "wrong": "wrong answer"}
 
 
 # ---- problems: duplicates and contamination, decided before anything is paid for ----
@@ -84,8 +80,7 @@ def normalize(text):
     """Text as compared for duplicates and contamination: lowercase, LaTeX commands (\\frac, \\dfrac,
     \\left) removed, punctuation and math symbols turned into spaces, whitespace collapsed. Digits
     stay: they are what tells two otherwise identical problems apart."""
-    text = re.sub(r"\\[a-zA-Z]+", " ", text.lower())
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+    return " ".join(re.sub(r"[\W_]+", " ", re.sub(r"\\[a-zA-Z]+", " ", text.lower())).split())
 
 
 def ngrams(words, n=NGRAM):
@@ -94,22 +89,13 @@ def ngrams(words, n=NGRAM):
 
 def load_references(paths):
     """Evaluation sets -> ({8-gram: {"file:id", ...}}, {"file:id": its number of 8-grams},
-    {normalized text: "file:id"}). Rows need only a problem text (problem / question); answers may be
-    anything (MATH-500's are LaTeX)."""
+    {normalized text: "file:id"}). Rows need only a problem text (problem / question) and read as
+    eval_aime.problem_rows reads them; answers may be anything (MATH-500's are LaTeX)."""
     owners, sizes, texts = {}, {}, {}
     for path in paths:
-        with model.user_errors(path), open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = next(row[k] for k in ("problem", "question", "Problem", "Question") if k in row)
-                    assert isinstance(text, str)
-                except (ValueError, StopIteration, AssertionError, TypeError):
-                    raise UserError(f"{path}:{lineno}: not a JSON object with a problem text") from None
-                where = f"{Path(path).name}:{row.get('id', row.get('unique_id', f'line-{lineno}'))}"
-                words = normalize(text).split()
+        with model.user_errors(path):
+            for _, pid, text, _ in problem_rows(path):
+                where, words = f"{Path(path).name}:{pid}", normalize(text).split()
                 texts.setdefault(" ".join(words), where)
                 sizes[where] = len(ngrams(words))
                 for g in ngrams(words):
@@ -130,13 +116,11 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
     its overlap and one shared 8-gram, to audit.
     A problem shorter than 8 words has no 8-gram: it must equal a reference problem to match."""
     owners, sizes, texts = references
-    words = normalize(text).split()
-    grams = ngrams(words)
+    text = normalize(text)
+    grams = ngrams(text.split())
     if not grams:
-        hit = texts.get(" ".join(words))
-        return {"matches": hit, "overlap": 1.0, "ngram": " ".join(words)} if hit else None
-    shared = Counter(ref for g in grams for ref in owners.get(g, ()))
-    for ref, n in shared.most_common():
+        return {"matches": texts[text], "overlap": 1.0, "ngram": text} if text in texts else None
+    for ref, n in Counter(ref for g in grams for ref in owners.get(g, ())).most_common():   # by 8-grams shared
         overlap = n / min(len(grams), sizes[ref])
         if overlap > min_overlap or (min_overlap > 0 and overlap >= min_overlap):
             ngram = next(" ".join(g) for g in grams if ref in owners.get(g, ()))
@@ -144,19 +128,20 @@ def contamination(text, references, min_overlap=MIN_OVERLAP):
     return None
 
 
-def screen(problems, references, min_overlap=MIN_OVERLAP):
-    """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated)."""
-    keep, duplicates, contaminated, first = [], [], [], {}
+def screen(problems, references, min_overlap, keep_all):
+    """-> (problems to send, each with "contaminated": None or the match; duplicates; contaminated).
+    A contaminated problem is sent only with keep_all."""
+    keep, duplicates, contaminated, seen = [], [], [], {}
     for p in problems:
-        key = normalize(p["problem"])
-        if key in first:
-            duplicates.append({"id": p["id"], "duplicate_of": first[key]})
+        first = seen.setdefault(normalize(p["problem"]), p["id"])   # the first problem with this text (ids are unique)
+        if first != p["id"]:
+            duplicates.append({"id": p["id"], "duplicate_of": first})
             continue
-        first[key] = p["id"]
-        hit = contamination(p["problem"], references, min_overlap) if references else None
+        hit = contamination(p["problem"], references, min_overlap)
         if hit:
             contaminated.append({"id": p["id"], **hit})
-        keep.append({**p, "contaminated": hit and hit["matches"]})
+        if keep_all or not hit:
+            keep.append({**p, "contaminated": hit and hit["matches"]})
     return keep, duplicates, contaminated
 
 
@@ -174,9 +159,8 @@ def split_reasoning(c):
         return c.reasoning.strip(), c.text.strip(), "field", True
     text = c.opened + c.text                           # a local teacher's template may open <think> itself
     if "</think>" in text:                             # last one, as eval_aime.extract_answer reads it
-        thinking, solution = text.rsplit("</think>", 1)
-        thinking = thinking.split("<think>", 1)[-1]    # a server leaves out the <think> its template opened
-        return thinking.strip(), solution.strip(), "tags", True
+        thinking, solution = text.rsplit("</think>", 1)   # (a server leaves out the <think> its template opened)
+        return thinking.split("<think>", 1)[-1].strip(), solution.strip(), "tags", True
     if "<think>" in text:                              # stopped (or was cut) while still thinking
         return text.split("<think>", 1)[1].strip(), "", "tags", False
     return "", text.strip(), "none", True              # a plain answer, or o-series (reasoning hidden)
@@ -189,73 +173,46 @@ def seed_of(args, p, k):
 
 def make_record(p, k, seed, c, params, teacher, plain_ok=False):
     thinking, solution, source, closed = split_reasoning(c)
-    extracted = final_answer(solution, p["answer"]) if closed else None
-    correct = extracted is not None and check_answer(solution, p["answer"])
-    flags = ["prompt_too_long"] if c.finish_reason == "prompt_too_long" else [name for name, failed in [
-        ("contaminated", bool(p["contaminated"])),
-        ("truncated", c.finish_reason == "length"),
-        ("unclosed_think", not closed),
-        ("no_thinking", closed and not thinking and not plain_ok),
-        ("no_answer", extracted is None),
-        ("wrong", extracted is not None and not correct),
-    ] if failed]
+    # (thinking that never closed leaves no solution: an answer inside it is no answer)
+    extracted, correct = final_answer(solution, p["answer"]), check_answer(solution, p["answer"])
+    failed = {"contaminated": p["contaminated"], "truncated": c.finish_reason == "length", "unclosed_think": not closed,
+              "no_thinking": closed and not thinking and not plain_ok, "no_answer": extracted is None,
+              "wrong": extracted is not None and not correct}
+    flags = ["prompt_too_long"] if c.finish_reason == "prompt_too_long" else [f for f in failed if failed[f]]
     details = c.usage.get("completion_tokens_details") or {}
-    return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k,
-            "problem": p["problem"], "answer": p["answer"], "thinking": thinking, "solution": solution,
-            "extracted": extracted, "correct": correct, "accepted": not flags, "flags": flags,
-            "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-            "reasoning_tokens": details.get("reasoning_tokens"),
+    sampling = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=seed)
+    return {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "problem": p["problem"],
+            "answer": p["answer"], "thinking": thinking, "solution": solution, "extracted": extracted,
+            "correct": correct, "accepted": not flags, "flags": flags, "finish_reason": c.finish_reason,
+            "num_tokens": c.num_tokens, "reasoning_tokens": details.get("reasoning_tokens"),
             # o-series bill for reasoning they never show: say so instead of passing off the answer as a chain
-            "reasoning_visible": bool(thinking), "reasoning_source": source,
-            "contaminated_by": p["contaminated"], "usage": c.usage, "teacher": teacher,
-            "sampling": {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                         "top_p": params.top_p, "seed": seed}}
+            "reasoning_visible": bool(thinking), "reasoning_source": source, "contaminated_by": p["contaminated"],
+            "usage": c.usage, "teacher": teacher, "sampling": sampling}
 
 
 # ---- files: append-only, one line per answer (model.append_record) ----
 
-def paths(out):
-    return {"out": out, "rejected": Path(f"{out}.rejected.jsonl"), "errors": Path(f"{out}.errors.jsonl"),
-            "run": Path(f"{out}.run.json")}
-
-
-def read_all(files):
-    """Every complete record of the given files (torn last lines cut off first: check_config has made
-    sure they are ours)."""
+def read_all(files, max_tokens):
+    """(every answer saved in <out> and the rejected file, the ids of those that count as done, the ids
+    of the errors filed), torn last lines cut off first (check_config has made sure the files are ours).
+    An answer counts as done unless it was cut at a smaller --max-tokens than this run's."""
     with model.user_errors():
-        return [r for f in files for r in model.read_records(f, repair=True)]
-
-
-def latest(records):
-    """{id: record}: when a truncated answer was asked again with a larger --max-tokens, the answer
-    at the larger budget counts (the older one stays in its file, flagged truncated)."""
-    by_id = {}
-    for r in records:
-        old = by_id.get(r["id"])
-        if old is None or r["sampling"]["max_tokens"] > old["sampling"]["max_tokens"]:
-            by_id[r["id"]] = r
-    return by_id
-
-
-def is_done(r, max_tokens):
-    """A saved answer counts as done, unless it was cut at a smaller budget than this run's."""
-    return not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)
+        rows = [r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)]
+        done = {r["id"] for r in rows if not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)}
+        return rows, done, {e["id"] for e in model.read_records(files["errors"], repair=True)}
 
 
 def run_config(args):
     """What a trace depends on; a rerun with another value is refused. The decontamination sets by
     content: a resume without them would send and accept evaluation problems. Not here: --max-tokens
     (may grow: truncated answers are asked again), --samples-per-problem (may grow), the problems
-    file (may change: samples are keyed by problem text), speed settings."""
-    endpoint = is_endpoint(args.teacher)
-    return {"teacher": args.teacher if endpoint else str(Path(args.teacher).resolve()),
-            "api_model": args.api_model if endpoint else None,
-            "teacher_fingerprint": None if endpoint else model.folder_fingerprint(args.teacher),  # retrained?
-            "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate),
-            "system": args.system,
-            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-            "keep_all": args.keep_all, "plain_ok": args.plain_ok, "min_overlap": args.min_overlap,
-            "prompt_suffix": PROMPT_SUFFIX,
+    file (may change: samples are keyed by problem text), speed settings. args.model: a local teacher."""
+    return {"teacher": str(Path(args.model).resolve()) if args.model else args.teacher,
+            "api_model": None if args.model else args.api_model,
+            "teacher_fingerprint": model.folder_fingerprint(args.model),  # retrained?
+            "decontaminate": sorted(model.sha256_file(path) for path in args.decontaminate), "system": args.system,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "keep_all": args.keep_all,
+            "plain_ok": args.plain_ok, "min_overlap": args.min_overlap, "prompt_suffix": PROMPT_SUFFIX,
             # only when set, so that runs made before these flags existed still resume
             **{k: getattr(args, k) for k in ("raw_prompt", "chat_template_kwargs", "top_k", "min_p")
                if getattr(args, k)},
@@ -270,8 +227,7 @@ def check_config(files, config):
         model.refuse_changes(previous.get("config", {}), config, f"{files['run']} was made with a different "
                              "configuration ({}). Use another --out, or the same settings to resume.")
         return previous
-    found = [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]
-    if found:
+    if found := [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]:
         raise UserError(f"{found[0]} exists but {files['run']} does not: it is not a distill.py output. "
                         "Use another --out.")
     return {}
@@ -279,135 +235,112 @@ def check_config(files, config):
 
 # ---- the run ----
 
-def is_endpoint(teacher):
-    return teacher.startswith(("http://", "https://"))
-
-
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer (an integer or LaTeX)}, "
-                    "or a bundled set by name (data/NAME.jsonl)")
-    ap.add_argument("--teacher", required=True,
-                    help="an OpenAI-compatible URL (http(s)://.../v1) or a local model folder")
-    ap.add_argument("--out", required=True,
-                    help="accepted traces JSONL; also writes <out>.rejected.jsonl, .errors.jsonl and .run.json")
-    ap.add_argument("--samples-per-problem", type=model.number(1), default=1,
-                    help="answers asked per problem (default 1)")
-    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
-                    help="evaluation sets (files or bundled names: aime24 aime25 amc23 math500): a problem "
-                    "sharing a word 8-gram with one of theirs is not sent (see --min-overlap)")
-    ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP,
-                    help="contamination: shared 8-grams must cover more than this fraction of the shorter "
-                    "problem's 8-grams (default 0: any shared 8-gram)")
-    ap.add_argument("--max-total-tokens", type=model.number(1),
-                    help="stop sending once the saved answers hold this many completion tokens (all runs on "
-                    "this --out together); answers in flight are still saved")
+    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
+    ap.add_argument("--teacher", required=True, help="an OpenAI-compatible URL (http(s)://.../v1) or a model folder")
+    ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
+    ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
+    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE", help="evaluation sets (files or bundled "
+                    "names: aime24 aime25 amc23 math500): a problem sharing a word 8-gram with one is not sent")
+    ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP, help="contamination: shared "
+                    "8-grams must cover more than this fraction of the shorter problem's 8-grams (default 0: any)")
+    ap.add_argument("--max-total-tokens", type=model.number(1), help="stop sending once the saved answers hold this "
+                    "many completion tokens (all runs on this --out together); answers in flight are still saved")
     ap.add_argument("--system", help="a system message before each problem (o-series: folded into the user turn)")
     ap.add_argument("--raw-prompt", action="store_true", help="local teacher: send the user turn as plain text, "
                     "no chat template (base models; an endpoint always gets a chat message)")
-    ap.add_argument("--keep-all", action="store_true", help="write every answer to --out with its flags "
-                    "(contaminated problems are sent too); sft.py trains on all of them, except rows without "
-                    "thinking or solution, which it refuses (or skips with --skip-bad)")
+    ap.add_argument("--keep-all", action="store_true", help="every answer to --out, with its flags (contaminated "
+                    "problems sent too); sft.py refuses rows without thinking or solution (or skips them: --skip-bad)")
     ap.add_argument("--plain-ok", action="store_true", help="the teacher is not a reasoning model: accept answers "
                     "without thinking (the whole answer is the chain; sft.py then trains on the solution alone)")
     # the sampling flags sample.py and eval_aime.py share (--max-tokens is --max-new-tokens), less --base-url
     sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768, timeout=1800.0, distill=True)
-    ap.add_argument("--seed", type=int, default=0,
-                    help="base seed: sample k of a problem is sent a seed hashed from (seed, problem, k)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of a problem gets hash(seed, problem, k)")
     return ap
 
 
 class Stop:
-    def __init__(self):
-        self.reason = None      # why no more requests are sent: None, "budget" or "interrupted"
+    """Why no more requests are sent: None, "budget" or "interrupted". As a signal handler: the first
+    Ctrl-C / SIGTERM sends nothing more and saves the answers in flight; the second aborts."""
+    reason = None
 
-
-def on_signals(stop):
-    """First Ctrl-C / SIGTERM: send nothing more, save what is in flight; the second aborts.
-    Returns a function that restores the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    def handler(signum, frame):
-        if stop.reason == "interrupted":
+    def __call__(self, signum, frame):
+        if self.reason == "interrupted":
             raise KeyboardInterrupt
-        stop.reason = "interrupted"
+        self.reason = "interrupted"
         print("\ndistill.py: stopping: saving the answers in flight (again to abort)", file=sys.stderr)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
-def requests_for(todo, args, stop):
-    """Requests made only as the sampler asks for them, so that a stop sends nothing more: the
-    endpoint sampler pulls the next request only when one of its `concurrency` slots frees up."""
-    for p, k in todo:
-        if stop.reason:
-            return
-        yield Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
-
-
-def distill(sampler, todo, params, args, files, totals, budget_left):
-    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives."""
-    stop, endpoint = Stop(), is_endpoint(args.teacher)
+def distill(sampler, todo, params, args, files, old, planned, budget_left):
+    """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. old: the counts
+    of the answers saved before this run (see counts); planned: how many answers the run plans in all."""
+    stop, endpoint, new = Stop(), args.base_url is not None, Counter()
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
-    new = Counter()
-    restore = on_signals(stop) if endpoint else (lambda: None)
-    requests = requests_for(todo, args, stop)
-    bar = tqdm(total=totals["planned"], initial=totals["done"], unit="answer", desc="distill")
+    # an endpoint's answers in flight are paid for: worth the wait (and signals reach only the main thread)
+    in_main = endpoint and threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    # made only as the sampler asks for them, so that a stop sends nothing more: the endpoint sampler
+    # pulls the next request only when one of its `concurrency` slots frees up
+    requests = (Request.user(user_prompt(p["problem"]), seed_of(args, p, k), args.raw_prompt, args.system)
+                for p, k in todo if not stop.reason)
+    # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
+    # one failed request must not lose the others in flight
     try:
-        # a local sampler takes them all at once (it batches them), an endpoint as it has room; errors="yield":
-        # one failed request must not lose the others in flight
-        for i, c in sampler.generate(requests, params, errors="yield"):
-            p, k = todo[i]
-            if isinstance(c, PromptTooLong):         # a local teacher's context: recorded, never asked again
-                c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
-            if isinstance(c, EndpointError):
-                model.append_record(files["errors"], {"id": sample_id(p["problem"], k), "problem_id": p["id"],
-                                                      "sample": k, "status": c.status, "attempts": c.attempts,
-                                                      "error": sampler.scrub(str(c)),
-                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-                new["errors"] += 1
-            else:
-                r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
-                model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
-                new["accepted" if r["accepted"] else "rejected"] += 1
-                new["tokens"] += c.num_tokens
-                new["no_usage"] += c.num_tokens == 0
-                bar.update(1)
-                if budget_left is not None and new["tokens"] >= budget_left and not stop.reason:
-                    stop.reason = "budget"
-                    if not endpoint:
-                        break                        # local rows in flight cost nothing but time
-            bar.set_postfix(accepted=totals["accepted"] + new["accepted"],
-                            rejected=totals["rejected"] + new["rejected"], errors=new["errors"],
-                            tokens=totals["tokens_paid"] + new["tokens"], refresh=False)
+        with tqdm(total=planned, initial=planned - len(todo), unit="answer", desc="distill") as bar:
+            for i, c in sampler.generate(requests, params, errors="yield"):
+                p, k = todo[i]
+                if isinstance(c, PromptTooLong):     # a local teacher's context: recorded, never asked again
+                    c = Completion(text="", num_tokens=0, finish_reason="prompt_too_long")
+                if isinstance(c, EndpointError):
+                    error = {"id": sample_id(p["problem"], k), "problem_id": p["id"], "sample": k, "status": c.status,
+                             "attempts": c.attempts, "error": sampler.scrub(str(c)),
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    model.append_record(files["errors"], error)
+                    new["errors"] += 1
+                else:
+                    r = make_record(p, k, seed_of(args, p, k), c, params, teacher, args.plain_ok)
+                    model.append_record(files["out" if r["accepted"] or args.keep_all else "rejected"], r)
+                    new.update({"accepted" if r["accepted"] else "rejected": 1, "tokens": c.num_tokens})
+                    new["no_usage"] += c.num_tokens == 0
+                    bar.update(1)
+                    if new["tokens"] >= budget_left and not stop.reason:
+                        stop.reason = "budget"
+                        if not endpoint:
+                            break                    # local rows in flight cost nothing but time
+                bar.set_postfix(accepted=old["accepted"] + new["accepted"], rejected=old["rejected"] + new["rejected"],
+                                errors=new["errors"], tokens=old["tokens_paid"] + new["tokens"], refresh=False)
     finally:
-        bar.close()
-        restore()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return new, stop.reason
 
 
 def counts(records, planned):
     """Answers that count now (the latest per id, of the samples planned), and the tokens paid for
-    every answer saved on this --out (what --max-total-tokens limits)."""
-    ids = {sample_id(p["problem"], k) for p, k in planned}
-    rows = [r for i, r in latest(records).items() if i in ids]
-    c = Counter(f for r in rows for f in r["flags"])
+    every answer saved on this --out (what --max-total-tokens limits). The latest: when a truncated
+    answer was asked again with a larger --max-tokens, the answer at the larger budget counts (the
+    older one stays in its file, flagged truncated)."""
+    ids, latest = {sample_id(p["problem"], k) for p, k in planned}, {}
+    for r in sorted(records, key=lambda r: -r["sampling"]["max_tokens"]):   # stable: of equal ones, the first
+        latest.setdefault(r["id"], r)
+    rows = [r for i, r in latest.items() if i in ids]
     return {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
-            "rejected": sum(not r["accepted"] for r in rows), "flags": {f: c[f] for f in FILTERS},
-            "tokens_paid": sum(r["num_tokens"] for r in records),
+            "rejected": sum(not r["accepted"] for r in rows), "tokens_paid": sum(r["num_tokens"] for r in records),
+            "flags": {f: sum(f in r["flags"] for r in rows) for f in FILTERS},
             "reasoning_tokens": sum(r.get("reasoning_tokens") or 0 for r in records),
             "reasoning_hidden": sum(not r["reasoning_visible"] and bool(r.get("reasoning_tokens")) for r in rows)}
 
 
 def report(summary, files):
-    s, c, p = summary, summary["counts"], summary["problems"]
+    s, c, p, keep_all = summary, summary["counts"], summary["problems"], summary["config"]["keep_all"]
     print(f"\n{p['total']} problems in {p['file']}: {len(p['duplicates'])} duplicates and "
-          f"{len(p['contaminated'])} contaminated {'flagged' if s['config']['keep_all'] else 'not sent'}, "
+          f"{len(p['contaminated'])} contaminated {'flagged' if keep_all else 'not sent'}, "
           f"{p['sent']} x {s['samples_per_problem']} answers planned")
     print(f"{'answers saved':<46} {c['answers']:>8}")
     print(f"{'  accepted':<46} {c['accepted']:>8}   -> {files['out']}")
-    print(f"{'  rejected':<46} {c['rejected']:>8}   -> {files['out' if s['config']['keep_all'] else 'rejected']}")
+    print(f"{'  rejected':<46} {c['rejected']:>8}   -> {files['out' if keep_all else 'rejected']}")
     for name, why in FILTERS.items():
         print(f"{'    ' + why:<46} {c['flags'][name]:>8}")
     print(f"{'still failing (rerun to retry)':<46} {s['failing']:>8}   -> {files['errors']}")
@@ -428,7 +361,7 @@ def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     args.problems, args.decontaminate = data_path(args.problems), [data_path(d) for d in args.decontaminate]
-    endpoint = is_endpoint(args.teacher)
+    endpoint = args.teacher.startswith(("http://", "https://"))
     if endpoint and not args.api_model:
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
     if not endpoint and not Path(args.teacher).is_dir():
@@ -442,57 +375,43 @@ def main(argv=None):
 
 def run(args):
     """main() once --out is ours alone."""
-    endpoint = is_endpoint(args.teacher)
     with model.user_errors(args.problems):
         problems = load_problems(args.problems)
-    references = load_references(args.decontaminate) if args.decontaminate else None
-    keep, duplicates, contaminated = screen(problems, references, args.min_overlap)
-    if not args.keep_all:
-        keep = [p for p in keep if not p["contaminated"]]
+    references = load_references(args.decontaminate)     # (none: nothing is contaminated)
+    keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
 
-    files = paths(Path(args.out))
+    files = {k: Path(f"{args.out}{suffix}") for k, suffix in   # see the module docstring
+             (("out", ""), ("rejected", ".rejected.jsonl"), ("errors", ".errors.jsonl"), ("run", ".run.json"))}
     model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
     config = run_config(args)
     previous = check_config(files, config)
-    records = read_all([files["out"], files["rejected"]])
-    read_all([files["errors"]])                        # only to cut a torn line before appending to it
-    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
-    todo = [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
-    before = counts(records, planned)
-    budget_left = None if args.max_total_tokens is None else args.max_total_tokens - before["tokens_paid"]
-    spent = budget_left is not None and budget_left <= 0
-    if spent:
-        todo = []
+    records, done, _ = read_all(files, args.max_new_tokens)   # (also cuts a torn line off the errors file)
+    old = counts(records, planned)
+    budget_left = args.max_total_tokens - old["tokens_paid"] if args.max_total_tokens else float("inf")
+    new, stopped = Counter(), ("budget" if budget_left <= 0 else None)    # spent by the earlier runs
+    todo = [] if stopped else [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
 
     params = sample.sampling_params(args)
     # a local teacher takes a while to load: only if needed
     sampler = sample.sampler_from_args(args) if todo else None
-    summary = {"config": config, "samples_per_problem": args.samples_per_problem,
-               "max_tokens": args.max_new_tokens, "max_total_tokens": args.max_total_tokens,
+    summary = {"config": config, "samples_per_problem": args.samples_per_problem, "max_tokens": args.max_new_tokens,
+               "max_total_tokens": args.max_total_tokens, "sampling": dataclasses.asdict(params),
                "teacher": sampler.describe() if sampler else previous.get("teacher"),
-               "sampling": dataclasses.asdict(params),
-               "problems": {"file": args.problems, "total": len(problems), "sent": len(keep),
-                            "duplicates": duplicates, "contaminated": contaminated,
-                            "decontaminate": args.decontaminate},
-               "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate],
-                                              None if endpoint else args.teacher),
+               "problems": {"file": args.problems, "total": len(problems), "sent": len(keep), "duplicates": duplicates,
+                            "contaminated": contaminated, "decontaminate": args.decontaminate},
+               "manifest": model.run_manifest(vars(args), [args.problems, *args.decontaminate], args.model),
                "runs": previous.get("runs", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None}]}
     model.write_json_atomic(files["run"], summary)    # before the first answer: traces always have a teacher
 
     started = time.time()
-    new, stopped = Counter(), ("budget" if spent else None)
     if todo:
-        totals = {**before, "planned": len(planned), "done": len(planned) - len(todo)}
         with model.user_errors():                   # e.g. a folder without a chat template: one line
-            new, stopped = distill(sampler, todo, params, args, files, totals, budget_left)
+            new, stopped = distill(sampler, todo, params, args, files, old, len(planned), budget_left)
 
-    records = read_all([files["out"], files["rejected"]])
-    done = {r["id"] for r in records if is_done(r, args.max_new_tokens)}
+    records, done, failed = read_all(files, args.max_new_tokens)
     missing = {sample_id(p["problem"], k) for p, k in planned} - done
-    failed = {e["id"] for e in read_all([files["errors"]])}
-    summary["counts"] = counts(records, planned)
-    summary["missing"], summary["failing"] = len(missing), len(missing & failed)
+    summary.update(counts=counts(records, planned), missing=len(missing), failing=len(missing & failed))
     summary["this_run"] = {"new_answers": new["accepted"] + new["rejected"], "new_tokens": new["tokens"],
                            "errors": new["errors"], "no_usage": new["no_usage"], "stopped": stopped,
                            "seconds": round(time.time() - started, 3)}

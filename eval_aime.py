@@ -28,7 +28,6 @@ import glob
 import hashlib
 import json
 import math
-import operator
 import os
 import re
 import select
@@ -38,17 +37,17 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import model
 import sample
 from model import PROMPT_SUFFIX, UserError, user_prompt  # the user turn (defined in model.py)
-from sample import Request
 
 
 # ---- answer extraction ----
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_LAST_BOX = re.compile(r".*\\(?:boxed|fbox)(?![A-Za-z])\s*", re.S)   # everything up to the last box's content
 # \text{33} -> 33, but \text{ minutes} (no digit: a unit or a word) -> removed
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mathbf|mbox|boldsymbol)\s*\{([^{}]*)\}")
 # degrees, percent, dollars, LaTeX spacing (\! \, \; \: "\ "), ties and whitespace carry no value
@@ -57,25 +56,15 @@ _NOISE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree|\\%|%|\\\$|\$|\\[!,;: ]|~
 
 def last_box(text):
     """Content of the last \\boxed{...} / \\fbox{...} (or `\\boxed 5`); None if the last one is unclosed."""
-    boxes = list(_BOX.finditer(text))
-    if not boxes:
-        return None
-    i = boxes[-1].end()
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i < len(text) and text[i] == "{":
-        depth, j = 0, i
-        while j < len(text):
-            if text[j] == "\\":               # \{ and \} are literal braces, not grouping
-                j += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1:j]
-            j += 1
-        return None                            # truncated mid-answer: no fallback to an earlier box
-    token = re.match(r"[^\s$]+", text[i:])     # `\boxed 204` as models write it (LaTeX would box "2")
-    return token.group(0) if token else None
+    rest = text[box.end():] if (box := _LAST_BOX.match(text)) else ""
+    if not rest.startswith("{"):               # `\boxed 204` as models write it (LaTeX would box "2")
+        return re.match(r"[^\s$]*", rest).group(0) or None
+    depth = 0
+    for t in re.finditer(r"\\.|[{}]", rest, re.S):   # \{ and \} are literal braces, not grouping
+        depth += {"{": 1, "}": -1}.get(t.group(), 0)
+        if depth == 0:
+            return rest[1:t.start()]
+    return None                                # truncated mid-answer: no fallback to an earlier box
 
 
 def parse_integer(s):
@@ -84,12 +73,10 @@ def parse_integer(s):
     s = s.replace("\u2212", "-").replace("{,}", ",")   # unicode minus; LaTeX's 1{,}000
     while (unwrapped := _WRAPPER.sub(lambda m: m.group(1) if re.search(r"\d", m.group(1)) else "", s)) != s:
         s = unwrapped
-    s = _NOISE.sub("", s)
-    s = s.rsplit("=", 1)[-1].rstrip(".")       # "m+n=33": the answer is what the box equates to
+    s = _NOISE.sub("", s).rsplit("=", 1)[-1].rstrip(".")   # "m+n=33": the answer is what the box equates to
     while s.startswith("{") and s.endswith("}"):
         s = s[1:-1]
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", s):  # commas only as thousands groups; "3,5" is a list
-        s = s.replace(",", "")
+    s = s.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", s) else s   # only thousands: "3,5" is a list
     m = re.fullmatch(r"([-+]?\d+)(\.0*)?", s)
     return int(m.group(1)) if m else None
 
@@ -97,13 +84,9 @@ def parse_integer(s):
 def final_box(text):
     """Content of the last complete box after the reasoning, or None. Reasoning ends at the last
     </think>; a <think> that never closes means the model stopped while still thinking: no answer."""
-    if not text:
+    if not text or ("<think>" in text and "</think>" not in text):
         return None
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif "<think>" in text:
-        return None
-    return last_box(text)
+    return last_box(text.rsplit("</think>", 1)[-1])
 
 
 def extract_answer(text):
@@ -117,18 +100,14 @@ def final_answer(text, gold):
     else the boxed LaTeX; None when there is no such answer."""
     if gold_integer(gold) is not None:
         return extract_answer(text)
-    box = (final_box(text) or "").strip()
-    return box or None
+    return (final_box(text) or "").strip() or None
 
 
 def check_answer(text, gold):
     """The one grading rule of the project: is the final answer of `text` the gold answer?
     Integer gold: integer equality. Any other gold: math-verify equivalence of the boxed LaTeX."""
-    answer = final_answer(text, gold)
-    if answer is None:
-        return False
-    expected = gold_integer(gold)
-    return answer == expected if expected is not None else equivalent(str(gold), answer)
+    answer, expected = final_answer(text, gold), gold_integer(gold)
+    return answer == expected if expected is not None else answer is not None and equivalent(str(gold), answer)
 
 
 # math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
@@ -149,51 +128,40 @@ def read(latex):   # a box's content, parsed as math-verify parses a boxed answe
                  fallback_mode="no_fallback", extraction_mode="first_match", parsing_timeout=3)
 verify(read("1"), read("1"))   # imports the parser before the first timed answer
 print("ready", flush=True)
-for line in sys.stdin:
+for line in sys.stdin:         # parse and verify catch their own errors (raise_on_error=False): true or false
     gold, answer = json.loads(line)
-    try:
-        same = verify(read(gold), read(answer), timeout_seconds=3)
-    except Exception:
-        same = False
-    print("true" if same else "false", flush=True)
+    print(json.dumps(verify(read(gold), read(answer), timeout_seconds=3)), flush=True)
 '''
 
 
 class _Grader:
-    def __init__(self):
-        self.proc, self.lock = None, threading.Lock()
+    proc, lock = None, threading.Lock()        # the child, and one answer at a time
 
-    def line(self, timeout):
+    def reply(self, timeout):
+        """The child's next line, or None when it writes none within `timeout` seconds."""
         ready = select.select([self.proc.stdout], [], [], timeout)[0]
         return self.proc.stdout.readline().decode().strip() if ready else None
 
-    def start(self):
-        # its own session: a Ctrl-C at the terminal must not kill it mid-answer (distill.py saves answers in flight)
-        self.proc = subprocess.Popen([sys.executable, "-c", _GRADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True)
-        started = self.line(120)
-        if started != "ready":
-            self.stop()
-            raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
     def same(self, gold, answer):
+        """One answer at a time, in a child started on first use and again after one was killed."""
         with self.lock:
-            if self.proc is None:
-                self.start()
             reply = None
             try:
+                if self.proc is None:  # its own session: a Ctrl-C at the terminal must not kill it mid-answer
+                    self.proc = subprocess.Popen([sys.executable, "-c", _GRADER], stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                                                 start_new_session=True)   # (distill.py saves answers in flight)
+                    if (started := self.reply(120)) != "ready":
+                        raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
                 self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
-                reply = self.line(GRADE_TIMEOUT)
-            except BrokenPipeError:
+                reply = self.reply(GRADE_TIMEOUT)
+            except BrokenPipeError:            # it died
                 pass
             finally:
-                if reply not in ("true", "false"):  # overran, died or interrupted: the next call starts a fresh one
-                    self.stop()
+                if self.proc and reply not in ("true", "false"):  # overran, died or interrupted: start afresh
+                    self.proc.kill()
+                    self.proc.wait()
+                    self.proc = None
             return reply == "true"
 
 
@@ -203,9 +171,7 @@ _grader = _Grader()
 @functools.lru_cache(maxsize=1 << 16)
 def equivalent(gold, answer):
     """Is the LaTeX `answer` mathematically the LaTeX `gold`? (math-verify; wrong when it cannot tell in time)"""
-    if "".join(gold.split()) == "".join(answer.split()):
-        return True
-    return _grader.same(gold, answer)
+    return "".join(gold.split()) == "".join(answer.split()) or _grader.same(gold, answer)
 
 
 # ---- metrics (pure) ----
@@ -217,33 +183,21 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def vote(answers, same=operator.eq):
+def vote(answers, same):
     """Classes of answers that are the same (same(a, b)), None left out, as lists of indices: the
-    largest first, a tie to the class whose first answer came first."""
-    classes = []
-    for i, a in enumerate(answers):
-        if a is not None:
-            home = next((c for c in classes if same(answers[c[0]], a)), None)
-            if home:
-                home.append(i)
-            else:
-                classes.append([i])
-    return sorted(classes, key=lambda c: (-len(c), c[0]))
-
-
-def majority(answers, same=operator.eq):
-    """The first answer of the largest class (see vote), or None."""
-    classes = vote(answers, same)
-    return answers[classes[0][0]] if classes else None
+    largest first, a tie to the class whose first answer came first. The majority answer (maj@k) is
+    the first of the first class."""
+    classes = {}                               # index of a class's first answer -> the indices in the class
+    for i in [i for i, a in enumerate(answers) if a is not None]:
+        first = next((f for f in classes if same(answers[f], answers[i])), i)   # i: a class of its own
+        classes.setdefault(first, []).append(i)
+    return sorted(classes.values(), key=lambda c: (-len(c), c[0]))
 
 
 def mean_stderr(values):
     """Mean and its standard error (sample std / sqrt(n)); the error is None for fewer than 2 values."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    n, mean = len(values), sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None)
 
 
 def ci95(mean, se):
@@ -268,40 +222,32 @@ def summarize(problems, records, samples, greedy=False):
     per_problem, rows = [], []
     for p in problems:
         rs = [records[(p["id"], k)] for k in range(samples)]
-        answers = [None if r["extracted"] is None else r for r in rs]
-        classes = vote(answers, same_answer)
-        top = rs[classes[0][0]] if classes else None
+        classes = vote([None if r["extracted"] is None else r for r in rs], same_answer)
+        top = rs[classes[0][0]] if classes else {"extracted": None, "correct": False}
         votes = {str(rs[c[0]]["extracted"]): len(c) for c in classes}
-        if len(rs) > sum(votes.values()):
-            votes["none"] = len(rs) - sum(votes.values())
+        unanswered = sum(r["extracted"] is None for r in rs)
         per_problem.append({"id": p["id"], "gold": p["answer"], **{f: p[f] for f in GROUPS if f in p},
                             "correct": sum(r["correct"] for r in rs), "samples": samples,
-                            "majority": top["extracted"] if top else None,
-                            "majority_correct": bool(top and top["correct"]), "votes": votes})
+                            "majority": top["extracted"], "majority_correct": bool(top["correct"]),
+                            "votes": {**votes, "none": unanswered} if unanswered else votes})
         rows += rs
     pass1, se = mean_stderr([pp["correct"] / samples for pp in per_problem])
-    metrics = {"problems": len(problems), "samples_per_problem": samples,
-               "greedy_accuracy": pass1 if greedy else None,
-               "pass@1": pass1, "pass@1_stderr": se, "pass@1_ci95": ci95(pass1, se)}
-    k = 2
-    while k <= samples:
-        metrics[f"pass@{k}"] = sum(pass_at_k(samples, pp["correct"], k) for pp in per_problem) / len(problems)
-        k *= 2
-    metrics[f"maj@{samples}"] = sum(pp["majority_correct"] for pp in per_problem) / len(problems)
-    metrics["no_answer_rate"] = sum(r["extracted"] is None for r in rows) / len(rows)
-    metrics["truncation_rate"] = sum(r["finish_reason"] == "length" for r in rows) / len(rows)
-    metrics["mean_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
-    metrics["max_tokens"] = max(r["num_tokens"] for r in rows)
+    n, maj = len(problems), f"maj@{samples}"
+    metrics = {"problems": n, "samples_per_problem": samples, "greedy_accuracy": pass1 if greedy else None,
+               "pass@1": pass1, "pass@1_stderr": se, "pass@1_ci95": ci95(pass1, se),
+               **{f"pass@{k}": sum(pass_at_k(samples, pp["correct"], k) for pp in per_problem) / n
+                  for k in (2 ** i for i in range(1, samples.bit_length()))},   # k = 2, 4, 8, ... up to K
+               maj: sum(pp["majority_correct"] for pp in per_problem) / n,
+               "no_answer_rate": sum(r["extracted"] is None for r in rows) / len(rows),
+               "truncation_rate": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
+               "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
+               "max_tokens": max(r["num_tokens"] for r in rows)}
     for field in GROUPS:                      # MATH-500's rows carry a level (1-5) and a subject
-        groups = {}
-        for pp in per_problem:
-            if field in pp:
-                groups.setdefault(str(pp[field]), []).append(pp)
-        if groups:
-            metrics[f"by_{field}"] = {
-                g: {"problems": len(ps), "pass@1": sum(pp["correct"] for pp in ps) / len(ps) / samples,
-                    f"maj@{samples}": sum(pp["majority_correct"] for pp in ps) / len(ps)}
-                for g, ps in sorted(groups.items())}
+        for group in sorted({str(pp[field]) for pp in per_problem if field in pp}):
+            ps = [pp for pp in per_problem if field in pp and str(pp[field]) == group]
+            metrics.setdefault(f"by_{field}", {})[group] = {
+                "problems": len(ps), "pass@1": sum(pp["correct"] for pp in ps) / len(ps) / samples,
+                maj: sum(pp["majority_correct"] for pp in ps) / len(ps)}
     return metrics, per_problem
 
 
@@ -311,26 +257,37 @@ def _first(row, keys):
     return next((row[k] for k in keys if k in row), None)
 
 
-def gold_integer(value):
+def gold_integer(v):
     """An answer field as an int ("033", 33, 33.0), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-        return int(value)
-    return None
-
-
-DATA = Path(__file__).resolve().parent / "data"
+    if (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and re.fullmatch(r"\s*[-+]?\d+\s*", v)):
+        return int(v)
+    return v if type(v) is int else None      # not a bool (an int to isinstance)
 
 
 def data_path(name):
     """A bundled set by name (aime24, math500, ...) is data/NAME.jsonl; anything else is a path."""
-    bundled = DATA / f"{name}.jsonl"
+    bundled = Path(__file__).resolve().parent / "data" / f"{name}.jsonl"
     return str(bundled) if re.fullmatch(r"[\w-]+", name) and not Path(name).exists() and bundled.exists() else name
+
+
+def problem_rows(path):
+    """(line number, id, problem text, row) for each row of a JSONL problems file: the id is field id /
+    ID / unique_id (else "line-N"), the text field problem / question / Problem / Question. A line that
+    is not a JSON object with a problem text is a ValueError naming the file and line. Also what
+    distill.py reads its --decontaminate sets with."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            text = _first(row, ("problem", "question", "Problem", "Question")) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{lineno}: no problem text (a JSON object with field problem / question)")
+            pid = _first(row, ("id", "ID", "unique_id"))
+            yield lineno, f"line-{lineno}" if pid is None else str(pid), text, row
 
 
 def load_problems(path):
@@ -339,32 +296,16 @@ def load_problems(path):
     any other is LaTeX, graded by equivalence. A row without an id gets "line-N". Any bad row is an
     error naming the file and line."""
     problems, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            pid = _first(row, ("id", "ID", "unique_id"))
-            pid = f"line-{lineno}" if pid is None else str(pid)
-            text = _first(row, ("problem", "question", "Problem", "Question"))
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: no problem text (field problem / question)")
-            raw = _first(row, ("answer", "Answer"))
-            answer = gold_integer(raw)
-            if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
-                answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
-            if answer is None:
-                raise ValueError(f"{where}: no answer (a non-empty string or number in field answer), got {raw!r}")
-            if pid in seen:
-                raise ValueError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = lineno
-            problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
+    for lineno, pid, text, row in problem_rows(path):
+        raw = _first(row, ("answer", "Answer"))
+        answer = gold_integer(raw)
+        if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
+            answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
+        if answer is None:
+            raise ValueError(f"{path}:{lineno}: no answer (a non-empty string or number in field answer), got {raw!r}")
+        if (first := seen.setdefault(pid, lineno)) != lineno:
+            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {first})")
+        problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
@@ -375,19 +316,11 @@ def sample_seed(seed, pid, k):
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}:{k}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-# ---- the records file: append-only, resumable, one file per shard ----
-
-def sidecar(out, what):
-    return Path(f"{out}.{what}.json")
-
-
-def shard_file(out, rank, world):
-    return out if world == 1 else Path(f"{out}.shard{rank}of{world}")
-
+# ---- the records file: append-only, resumable, one file per shard (<out>.shardIofN) ----
 
 def record_files(out):
-    shards = glob.glob(glob.escape(str(out)) + ".shard*of*")
-    return [out] + sorted(Path(p) for p in shards if not p.endswith(".lock"))   # not their output_lock files
+    """--out, then the shard files, not their output_lock files."""
+    return [out] + sorted(p for p in out.parent.glob(glob.escape(out.name) + ".shard*of*") if p.suffix != ".lock")
 
 
 def load_records(out, own=None):
@@ -402,11 +335,9 @@ def load_records(out, own=None):
 def run_config(args, params):
     """Everything a sample depends on. Not here: --samples, --limit, --shard, batch size, concurrency,
     timeout (they choose which samples to draw or how fast, never what a sample is)."""
-    return {"data_sha256": model.sha256_file(args.data),
-            "model": str(Path(args.model).resolve()) if args.model else None,
-            "model_fingerprint": model.folder_fingerprint(args.model),
-            "base_url": args.base_url, "api_model": args.api_model,
-            "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
+    return {"data_sha256": model.sha256_file(args.data), "model_fingerprint": model.folder_fingerprint(args.model),
+            "model": str(Path(args.model).resolve()) if args.model else None, "base_url": args.base_url,
+            "api_model": args.api_model, "prompt": "raw" if args.raw_prompt else "chat", "prompt_suffix": PROMPT_SUFFIX,
             **dataclasses.asdict(params), "seed": args.seed, "device": args.device, "dtype": args.dtype,
             # only when given, so that runs made before the flag existed still resume
             **({"chat_template_kwargs": args.chat_template_kwargs} if args.chat_template_kwargs else {}),
@@ -415,17 +346,15 @@ def run_config(args, params):
 
 def check_config(out, config):
     """Refuse to mix samples from a different configuration, or to touch a file that is not ours (no
-    sidecar). True when --out is new: its sidecar is written once the sampler is up, so that a
-    mistyped --model or a missing GPU never blocks this --out."""
-    path = sidecar(out, "config")
+    sidecar). The sidecar itself is written once the sampler is up, so that a mistyped --model or a
+    missing GPU never blocks this --out."""
+    path = Path(f"{out}.config.json")
     if path.exists():
         model.refuse_changes(json.loads(path.read_text()), config, f"{out} holds samples from a different "
                              f"configuration ({{}}). Use another --out, or delete {out}* to start over.")
-        return False
-    if any(p.exists() for p in record_files(out)):
+    elif any(p.exists() for p in record_files(out)):
         raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
                         f"Use another --out, or delete {out}.")
-    return True
 
 
 def merge(out, done, problems):
@@ -433,15 +362,13 @@ def merge(out, done, problems):
     order, with answers re-graded by the current code; then drop the shard files. Atomic: a kill here
     leaves the old files, which resume reads again."""
     gold = {p["id"]: p["answer"] for p in problems}
-    order = {pid: i for i, pid in enumerate(gold)}
-    rows = sorted(done.values(), key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
+    order = {pid: i for i, pid in enumerate(gold)}      # every record's id is here: config.json pins the data
+    rows = sorted(done.values(), key=lambda r: (order[r["id"]], r["sample"]))
+    for r in rows:
+        r.update(extracted=final_answer(r["text"], gold[r["id"]]), correct=check_answer(r["text"], gold[r["id"]]))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            if r["id"] in gold:
-                r["extracted"] = final_answer(r["text"], gold[r["id"]])
-                r["correct"] = check_answer(r["text"], gold[r["id"]])
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, out)
     for p in record_files(out)[1:]:
         p.unlink(missing_ok=True)             # another shard may be merging the same records
@@ -450,14 +377,11 @@ def merge(out, done, problems):
 
 # ---- sampling ----
 
-def make_request(problem, k, seed, raw, system=None):
-    return Request.user(user_prompt(problem["problem"]), sample_seed(seed, problem["id"], k), raw, system)
-
-
 def draw(sampler, todo, params, args, path, done, bar):
     """Sample every (problem, k) in todo; append each record to path as it arrives (model.append_record),
     so a kill loses only the samples in flight."""
-    requests = [make_request(p, k, args.seed, args.raw_prompt, args.system) for p, k in todo]
+    requests = [sample.Request.user(user_prompt(p["problem"]), sample_seed(args.seed, p["id"], k), args.raw_prompt,
+                                    args.system) for p, k in todo]
     # An endpoint request that fails for good must not throw away the others in flight: collect it,
     # keep going, fail at the end. A rerun retries just the failed ones. A prompt too long for a
     # local model's context is recorded as a sample without an answer.
@@ -510,7 +434,7 @@ def pct(x):
 
 
 def report(metrics, per_problem, stats, args):
-    m, se = metrics, metrics["pass@1_stderr"]
+    m, se, ci = metrics, metrics["pass@1_stderr"], metrics["pass@1_ci95"]
     who = args.model or (f"{args.api_model} at {args.base_url}" if args.base_url else "(given sampler)")
     print(f"{who} on {args.data}: {m['problems']} problems x {m['samples_per_problem']} samples, "
           f"T={args.temperature} top-p={args.top_p} max-new-tokens={args.max_new_tokens} seed={args.seed}"
@@ -521,22 +445,20 @@ def report(metrics, per_problem, stats, args):
         votes = ", ".join(f"{a} x{n}" for a, n in pp["votes"].items())
         print(f"{pp['id']:<{wid}} {str(pp['gold']):>{wgold}} {pp['correct']:>4}/{pp['samples']:<3}  {votes}")
     name = "greedy accuracy" if m["greedy_accuracy"] is not None else "pass@1"
-    solved = sum(pp["correct"] for pp in per_problem)
-    err = "" if se is None else f" ± {100 * se:.1f} s.e.  (95% CI {pct(m['pass@1_ci95'][0])} - {pct(m['pass@1_ci95'][1])})"
-    print(f"\n{name:<18} {pct(m['pass@1'])}{err}   ({solved}/{m['problems'] * m['samples_per_problem']} correct)")
-    for key in [k for k in m if re.fullmatch(r"(pass|maj)@\d+", k) and k not in ("pass@1", "maj@1")]:
-        print(f"{key:<18} {pct(m[key])}")
-    print(f"{'no answer':<18} {pct(m['no_answer_rate'])}")
-    print(f"{'truncated':<18} {pct(m['truncation_rate'])}")
+    err = "" if se is None else f" ± {100 * se:.1f} s.e.  (95% CI {pct(ci[0])} - {pct(ci[1])})"
+    print(f"\n{name:<18} {pct(m['pass@1'])}{err}   "
+          f"({sum(pp['correct'] for pp in per_problem)}/{m['problems'] * m['samples_per_problem']} correct)")
+    rates = [(k, m[k]) for k in m if re.fullmatch(r"(pass|maj)@\d+", k) and k not in ("pass@1", "maj@1")]
+    for key, rate in rates + [("no answer", m["no_answer_rate"]), ("truncated", m["truncation_rate"])]:
+        print(f"{key:<18} {pct(rate)}")
     print(f"{'tokens mean / max':<18} {m['mean_tokens']:.0f} / {m['max_tokens']}")
     if stats["tokens_per_s"]:
         print(f"{'tokens/s':<18} {stats['tokens_per_s']:.1f}  (this process, {stats['new_samples']} new samples)")
     maj = f"maj@{m['samples_per_problem']}" if m["samples_per_problem"] > 1 else None
-    for field in GROUPS:
-        if f"by_{field}" in m:
-            print(f"\n{field:<24} {'problems':>8} {name:>16}" + (f" {maj:>8}" if maj else ""))
-            for group, g in m[f"by_{field}"].items():
-                print(f"{group:<24} {g['problems']:>8} {pct(g['pass@1']):>16}" + (f" {pct(g[maj]):>8}" if maj else ""))
+    for field in [f for f in GROUPS if f"by_{f}" in m]:
+        print(f"\n{field:<24} {'problems':>8} {name:>16}" + (f" {maj:>8}" if maj else ""))
+        for group, g in m[f"by_{field}"].items():
+            print(f"{group:<24} {g['problems']:>8} {pct(g['pass@1']):>16}" + (f" {pct(g[maj]):>8}" if maj else ""))
 
 
 # ---- main ----
@@ -544,44 +466,18 @@ def report(metrics, per_problem, stats, args):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set by name: "
-                    "aime24, aime25, amc23, math500, aime_historical (data/NAME.jsonl)")
+    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
-    ap.add_argument("--system", help="a system message before each problem, e.g. a teacher's prompt from its "
-                    "distill.py run.json, to score it exactly as it was prompted (default: none, as users prompt)")
+    ap.add_argument("--system", help="a system message before each problem, e.g. the one a distill.py run.json records")
     ap.add_argument("--limit", type=model.number(1), help="score only the first N problems")
-    ap.add_argument("--out", help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
+    ap.add_argument("--out", type=Path, help="per-sample JSONL; also writes <out>.config.json and <out>.summary.json")
     ap.add_argument("--shard", help="i/N: score every N-th problem from the i-th (under torchrun: RANK/WORLD_SIZE)")
     # the flags every sampling script shares, with the DeepSeek-R1 protocol as defaults
     sample.add_sampling_args(ap, temperature=0.6, top_p=0.95, max_new_tokens=32768)
-    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of problem i gets a seed hashed "
-                    "from (seed, i, k), the same whatever K, --limit or sharding")
+    ap.add_argument("--seed", type=int, default=0, help="base seed: sample k of problem i gets hash(seed, i, k)")
     return ap
-
-
-def build_sampler(args, world):
-    if world > 1 and "LOCAL_RANK" in os.environ:
-        import torch                          # one GPU per rank: "cuda" / "auto" then means this rank's GPU
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return sample.sampler_from_args(args)
-
-
-def gather(out, done, needed, rank, world, wait_for_others):
-    """All records once every needed (id, sample) is in, or None when this process does not merge."""
-    while rank == 0 and wait_for_others and any(key not in done for key in needed):
-        time.sleep(2)                         # torchrun: the other ranks are still sampling
-        done = load_records(out)
-    if world > 1 and wait_for_others and rank != 0:
-        return None                           # torchrun: rank 0 merges
-    missing = sum(key not in done for key in needed)
-    if missing:
-        print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
-              f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
-        return None
-    return done
 
 
 def main(argv=None, sampler=None):
@@ -599,61 +495,61 @@ def main(argv=None, sampler=None):
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
     with model.user_errors(args.data):
         every = load_problems(args.data)
-    problems = every[:args.limit] if args.limit else every
-    shard = shard_of(args.shard)
-    if shard[1] > 1 and not args.out:
+    rank, world, wait_for_others = shard_of(args.shard)
+    if world > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
-    out = Path(args.out) if args.out else None
-    own = shard_file(out, *shard[:2]) if out else None
-    with model.output_lock(own) if out else contextlib.nullcontext():
-        return score(args, every, problems, out, own, shard, sampler)
+    out, problems, params = args.out, every[:args.limit], sample.sampling_params(args)
+    config, done = run_config(args, params), {}
+    own = out if world == 1 else Path(f"{out}.shard{rank}of{world}")   # this process's records file
+    with model.output_lock(own) if out else contextlib.nullcontext():  # --out is ours alone from here
+        # resume: the samples already drawn with this configuration
+        if out:
+            if world == 1:
+                model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
+                                                     for s in ("", ".config.json", ".summary.json")))
+            check_config(out, config)
+            with model.user_errors():
+                done = load_records(out, own)
+        mine = problems[rank::world]
+        todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
 
+        # sample what is missing
+        if sampler is None and world > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # one GPU per rank: "cuda" / "auto" means this one
+        sampler = sample.sampler_from_args(args) if sampler is None else sampler
+        if out:                               # (the same config, when it was there: check_config compared them)
+            model.write_json_atomic(Path(f"{out}.config.json"), config)
+        total, desc = len(mine) * args.samples, ("eval" if world == 1 else f"eval shard {rank}/{world}")
+        with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
+            try:
+                stats = draw(sampler, todo, params, args, own, done, bar)
+            except ValueError as e:           # e.g. a folder without a chat template: use --raw-prompt
+                raise SystemExit(f"eval_aime.py: {e}")
 
-def score(args, every, problems, out, own, shard, sampler):
-    """main() once --out is ours alone: resume, sample what is missing, merge, summarize."""
-    rank, world, wait_for_others = shard
-    params = sample.sampling_params(args)
-    config = run_config(args, params)
-    done, new = {}, False
-    if out:
-        if world == 1:
-            model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
-                                                 for s in ("", ".config.json", ".summary.json")))
-        new = check_config(out, config)
-        with model.user_errors():
-            done = load_records(out, own)
-    mine = problems[rank::world]
-    todo = [(p, k) for p in mine for k in range(args.samples) if (p["id"], k) not in done]
+        # gather every shard's records, merge them into --out
+        if out:
+            if wait_for_others and rank != 0:
+                return None                   # torchrun: rank 0 merges
+            needed = [(p["id"], k) for p in problems for k in range(args.samples)]
+            while wait_for_others and any(key not in done for key in needed):
+                time.sleep(2)                 # torchrun: the other ranks are still sampling
+                done = load_records(out)
+            if missing := sum(key not in done for key in needed):
+                print(f"shard {rank}/{world} done; {missing} samples of other shards still missing. The last "
+                      f"shard to finish (or a rerun without --shard) merges them.", file=sys.stderr)
+                return None
+            merge(out, done, every)           # also re-grades the answers in `done`
 
-    if sampler is None:
-        sampler = build_sampler(args, world)
-    if new:
-        model.write_json_atomic(sidecar(out, "config"), config)
-    total = len(mine) * args.samples
-    desc = "eval" if world == 1 else f"eval shard {rank}/{world}"
-    with tqdm(total=total, initial=total - len(todo), unit="sample", desc=desc) as bar:
-        try:
-            stats = draw(sampler, todo, params, args, own, done, bar)
-        except ValueError as e:               # e.g. a folder without a chat template: use --raw-prompt
-            raise SystemExit(f"eval_aime.py: {e}")
-
-    if out:
-        done = gather(out, done, [(p["id"], k) for p in problems for k in range(args.samples)],
-                      rank, world, wait_for_others)
-        if done is None:
-            return None
-        merge(out, done, every)               # also re-extracts the answers in `done`
-
-    metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
-    summary = {"metrics": metrics, "per_problem": per_problem, "config": config,
-               "settings": {"samples": args.samples, "limit": args.limit, "shards": world,
-                            "batch_size": args.batch_size, "concurrency": args.concurrency},
-               "sampler": sampler.describe(), "throughput": stats,
-               "manifest": model.run_manifest(vars(args), [args.data], args.model)}
-    if out:
-        model.write_json_atomic(sidecar(out, "summary"), summary)
-    report(metrics, per_problem, stats, args)
-    return summary
+        # summarize
+        metrics, per_problem = summarize(problems, done, args.samples, greedy=args.temperature == 0)
+        summary = {"metrics": metrics, "per_problem": per_problem, "config": config, "sampler": sampler.describe(),
+                   "settings": {"samples": args.samples, "limit": args.limit, "shards": world,
+                                "batch_size": args.batch_size, "concurrency": args.concurrency}, "throughput": stats,
+                   "manifest": model.run_manifest(vars(args), [args.data], args.model)}
+        if out:
+            model.write_json_atomic(Path(f"{out}.summary.json"), summary)
+        report(metrics, per_problem, stats, args)
+        return summary
 
 
 if __name__ == "__main__":

@@ -11,19 +11,9 @@ What it is not: a framework. One model file, no q/k permutations (HF's rotate-ha
 pickle, no exec'd configs. Attention, RMSNorm and the loss go through `kernels`, which picks Triton
 or the PyTorch reference; this file never imports triton.
 """
-import argparse
-import fcntl
-import hashlib
-import json
-import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
+import argparse, fcntl, hashlib, json, math, os, shutil, subprocess, sys, tempfile, time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,14 +24,16 @@ import kernels
 
 # ----------------------------------------------------------------------------- config
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # model_type: class
 # The one list of config.json keys that are refused: each changes the computation in a way this file
 # does not implement. (key: (is the value one we cannot honour?, why)). Every other key that is not
 # a Config field changes nothing here: token ids, names, dtypes, generation and training settings
-# (BOOKKEEPING, silently), or something we do not know (named once on stderr, then loaded).
+# (BOOKKEEPING, silently; pretraining_tp: Llama's sliced matmuls in tensor-parallel pretraining compute
+# the same function; quantization_config: load_model looks at the weights themselves), or something we
+# do not know (named once on stderr, then loaded).
 UNSUPPORTED = {
     "use_sliding_window": (bool, "sliding-window attention is not implemented"),
-    "layer_types": (lambda v: any(t != "full_attention" for t in v or ()), "only full-attention layers are implemented"),
+    "layer_types": (lambda v: any(t != "full_attention" for t in v), "only full-attention layers are implemented"),
     "hidden_act": (lambda v: v != "silu", "only SiLU (SwiGLU) MLPs are implemented"),
     "mlp_bias": (bool, "MLP biases are not implemented"),
     "attention_dropout": (bool, "attention dropout is not implemented (training would silently differ)"),
@@ -49,16 +41,12 @@ UNSUPPORTED = {
     "rope_scaling": (lambda v: v.get("rope_type", v.get("type")) not in ("default", "llama3"),
                      "only llama3 RoPE scaling is implemented"),
 }
-BOOKKEEPING = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "max_window_layers",
-    "sliding_window", "transformers.js_config", "_name_or_path", "_model_name_or_path", "is_llama_config",
-    "rope_interleaved", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
-    "id2label", "label2id", "tokenizer_class", "keys_to_ignore_at_inference", "unsloth_fixed", "unsloth_version",
-    "pretraining_tp",       # Llama's sliced matmuls in tensor-parallel pretraining: the same function
-    "quantization_config",  # load_model looks at the weights themselves
-    "rope_parameters", "use_mrope", "_attn_implementation_autoset", "attn_implementation",
-}
+BOOKKEEPING = set("""architectures transformers_version torch_dtype dtype initializer_range use_cache bos_token_id
+    eos_token_id pad_token_id unk_token_id sep_token_id max_window_layers sliding_window transformers.js_config
+    _name_or_path _model_name_or_path is_llama_config rope_interleaved output_attentions output_hidden_states
+    return_dict use_return_dict id2label label2id tokenizer_class keys_to_ignore_at_inference unsloth_fixed
+    unsloth_version pretraining_tp quantization_config rope_parameters use_mrope _attn_implementation_autoset
+    attn_implementation""".split())
 _warned = set()
 
 
@@ -86,32 +74,29 @@ class Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
-
-    @property
-    def qkv_bias(self):
-        return self.model_type == "qwen2" or self.attention_bias
+        self.qkv_bias = self.model_type == "qwen2" or self.attention_bias  # not a field: config.json has no such key
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        d = dict(d)
+        d = {k: v for k, v in d.items() if v is not None}  # a key set to null sets nothing
         if d.get("model_type") not in FAMILIES:
-            raise ValueError(f"{source}: model_type={d.get('model_type')!r} is not supported (supported: {FAMILIES})")
-        # transformers >= 5 writes rope_theta and rope_scaling as one rope_parameters dict
-        if isinstance(d.get("rope_parameters"), dict):
+            raise ValueError(f"{source}: model_type={d.get('model_type')!r} is not supported "
+                             f"(supported: {', '.join(FAMILIES)})")
+        if isinstance(d.get("rope_parameters"), dict):  # transformers >= 5: rope_theta and rope_scaling in one dict
             rp = dict(d["rope_parameters"])
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rp)
-        if d.get("model_type") == "qwen2":
+        if d["model_type"] == "qwen2":
             d.pop("attention_bias", None)  # transformers' Qwen2 ignores it: q/k/v always have a bias, o never
-        refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if d.get(k) is not None and bad(d[k])]
+        refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if k in d and bad(d[k])]
         if refused:
             raise ValueError(f"{source}: not supported: " + "; ".join(refused))
         scaling = d.get("rope_scaling") or {}
         if scaling.get("rope_type", scaling.get("type")) == "default":
             d["rope_scaling"] = None
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in BOOKKEEPING and k not in UNSUPPORTED)
+        unknown = sorted(d.keys() - known - BOOKKEEPING - UNSUPPORTED.keys())
         if unknown and tuple(unknown) not in _warned:
             _warned.add(tuple(unknown))
             print(f"{source}: note: ignoring keys this loader does not know: {', '.join(unknown)}", file=sys.stderr)
@@ -119,15 +104,12 @@ class Config:
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+            return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json (is this a model folder?)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
-        except TypeError as e:  # a required field is missing
-            raise ValueError(f"{path}: {e}") from None
+        except (json.JSONDecodeError, TypeError) as e:  # TypeError: a required field is missing
+            raise ValueError(f"{path}: invalid config: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the network
@@ -149,13 +131,9 @@ def rope_frequencies(config):
     return inv_freq
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin  # (B, H, T, D)
+    x1, x2 = x.chunk(2, dim=-1)  # HF's rotate-half layout: the two halves of each head are the pairs
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, H, T, D)
 
 
 class RMSNorm(nn.Module):
@@ -171,8 +149,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.head_dim = layer_idx, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
         C, bias = config.hidden_size, config.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
@@ -231,20 +209,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Decoder(nn.Module):
-    """Named like HF's `model.*` submodule so that parameter names equal checkpoint keys."""
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = nn.ModuleDict(dict(  # named like HF's `model.*` submodule: parameter names equal checkpoint keys
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
@@ -273,12 +245,10 @@ class Transformer(nn.Module):
         if cache is not None:  # which cached keys each query sees: those at or before its position
             L = cache.length or cache.max_len
             visible = torch.arange(L, device=ids.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+        checkpoint = self.gradient_checkpointing and self.training
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, positions, cache, cu_seqlens, visible,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, cos, sin, positions, cache, cu_seqlens, visible)
+            args = (x, cos, sin, positions, cache, cu_seqlens, visible)
+            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpoint else block(*args)
         x = self.model.norm(x)                                             # (B, T, C)
         return x if return_hidden else self.lm_head(x)                     # (B, T, V)
 
@@ -311,9 +281,8 @@ class KVCache:
 
     def write(self, rows, other):
         """Copy all of another cache's row 0 (a prefill) into `rows`."""
-        n = other.max_len
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
-            mine[rows, :, :n] = theirs[:1]
+            mine[rows, :, :other.max_len] = theirs[:1]
 
     def copy_rows(self, src_row, dst_rows, length):
         """Copy one row's first `length` positions to other rows (prefill once, sample n times)."""
@@ -337,25 +306,19 @@ def pick_device(device="auto"):
 def pick_dtype(dtype, device):
     if dtype == "auto":  # bf16 on GPUs that have it; fp32 on CPU, where bf16 matmuls are slow and inexact
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
+    if dtype not in DTYPES and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return DTYPES.get(dtype, dtype)  # a name, or already a torch dtype
 
 
 def safetensors_files(folder):
     """The checkpoint's files: one model.safetensors, or the shards named in the index."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such model folder")
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise ValueError(f"{folder}: only pickle weights (*.bin/*.pt); we load safetensors only")
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
@@ -363,7 +326,7 @@ def safetensors_files(folder):
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def read_safetensors(path, dtype, device, chunk_bytes=64 << 20, quantization=None):
+def read_safetensors(path, dtype, device, quantization=None, chunk_bytes=64 << 20):
     """Yield (name, tensor) from one file, converted to dtype/device. When nothing needs converting
     the tensor is a view into a private memory map of the file: no copy at all. Otherwise it is
     streamed through a small buffer, so peak memory is the converted weights plus one chunk (a
@@ -371,16 +334,16 @@ def read_safetensors(path, dtype, device, chunk_bytes=64 << 20, quantization=Non
     size, so a truncated or corrupt file fails here with its name instead of later with garbage."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:  # (a file shorter than 8 bytes fails here too)
             raise ValueError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
         header.pop("__metadata__", None)
-        storage = None
+        # the tensors that need no conversion are views into one private (copy-on-write) map of the file
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if str(device) == "cpu" else None
         for name, info in header.items():
             src = ST_DTYPES.get(info["dtype"])
             if src is None:  # a decoder's weights are floats: anything else is packed quantized blocks
@@ -391,8 +354,6 @@ def read_safetensors(path, dtype, device, chunk_bytes=64 << 20, quantization=Non
             if end > size or end - begin != math.prod(info["shape"]) * src.itemsize:
                 raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
             if src == dtype and str(device) == "cpu" and begin % src.itemsize == 0:
-                if storage is None:
-                    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE
                 yield name, torch.empty(0, dtype=src).set_(storage, begin // src.itemsize, info["shape"])
                 continue
             out = torch.empty(info["shape"], dtype=dtype, device=device)
@@ -417,27 +378,26 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     dtype = pick_dtype(dtype, str(device))  # from the resolved device: "auto" is bf16 on a bf16 GPU
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = config.tie_word_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     state, problems = {}, []
     for path in safetensors_files(folder):
-        for name, t in read_safetensors(path, dtype, device, quantization=quant):
-            if name == "lm_head.weight" and config.tie_word_embeddings:
+        for name, t in read_safetensors(path, dtype, device, quant):
+            if tied and name == "lm_head.weight":
                 continue  # some tied checkpoints also store the head; the embedding is the one we use
             if name not in expected:
                 problems.append(f"unexpected tensor {name!r} in {path.name}")
-            elif tuple(t.shape) != tuple(expected[name]):
-                problems.append(f"tensor {name!r} in {path.name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
-            else:
-                state[name] = t
-    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    problems += [f"missing tensor {k!r}" for k in missing]
+            elif tuple(t.shape) != expected[name]:
+                problems.append(f"tensor {name!r} in {path.name} has shape {tuple(t.shape)}, expected {expected[name]}")
+            state[name] = t
+    problems += [f"missing tensor {k!r}" for k in expected if k not in state]
     if problems:
         raise ValueError(f"{folder}: checkpoint does not match config.json: " + "; ".join(problems[:5])
                          + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     if quant:  # e.g. a bitsandbytes or GGUF model saved after dequantizing: the floats are the model
         print(f"{folder}/config.json: note: quantization_config ({quant}) over floating-point weights: "
               "loading them as they are", file=sys.stderr)
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()
     model.inv_freq = rope_frequencies(config).to(device)
     return model
@@ -449,63 +409,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_bytes=5 * 1024**3):
     """Write an HF-layout folder atomically: everything goes to a temporary sibling, which then
-    replaces `folder`. A crash mid-save leaves the previous folder (or nothing), never half a folder."""
+    replaces `folder`. A crash mid-save leaves the previous folder (or nothing), never half a folder.
+    Weights over max_shard_bytes are split into shards named in model.safetensors.index.json."""
     from safetensors.torch import save_file
-    folder = Path(folder)
+    folder, config = Path(folder), model.config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
     try:
-        config = model.config
-        d = {f.name: getattr(config, f.name) for f in fields(config)}
-        d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
-        d["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+        write_json_atomic(tmp / "config.json", {**asdict(config), "architectures": [FAMILIES[config.model_type]],
+                          "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
-        shards, current, size = [], {}, 0
+        shards = [{}]  # in state order, a new shard whenever the next tensor would overflow this one
         for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[k], size = v, size + nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).exists():
-                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+            if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + v.nbytes > max_shard_bytes:
+                shards.append({})
+            shards[-1][k] = v
+        n = len(shards)
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+        for name, shard in zip(names, shards):
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+        if n > 1:
+            write_json_atomic(tmp / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(v.nbytes for v in state.values())},
+                "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
+        for name in TOKENIZER_FILES if tokenizer_from is not None else ():
+            if (Path(tokenizer_from) / name).exists():
+                shutil.copy2(Path(tokenizer_from) / name, tmp / name)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2) + "\n")
-        replace_folder(tmp, folder)
+        # POSIX renames a folder atomically only onto a missing or empty target, so the old folder
+        # steps aside first and is deleted once the new one is in place
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.time_ns()}")
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def replace_folder(src, dst):
-    """Move src onto dst. POSIX renames a folder atomically only onto a missing or empty target, so
-    the old folder steps aside first and is deleted after the new one is in place."""
-    dst = Path(dst)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- tokenizer + chat
@@ -519,11 +463,11 @@ class Tokenizer:
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
         self.folder = folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.exists():
+        if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer is needed to encode prompts)")
-        self.tok = HFTokenizer.from_file(str(path))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
@@ -537,17 +481,21 @@ class Tokenizer:
         # what transformers passes the template besides the messages: its named special tokens
         self.special = {k: token(cfg[k]) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                                                     "cls_token", "mask_token") if token(cfg.get(k))}
-        self.end_of_turn = self.find_end_of_turn()
-        stop = {self.end_of_turn, self.tok.token_to_id(self.special.get("eos_token", ""))}
+        # end of turn: the token the template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+        # <｜end▁of▁sentence｜>), read off a rendering; else the eos token
+        eos = self.tok.token_to_id(self.special.get("eos_token", ""))
+        try:
+            text = self.chat_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE"}], False)
+            after = self.encode(text[text.rindex("PROBE") + len("PROBE"):])
+        except ValueError:  # no template, or one that refuses this conversation
+            after = []
+        self.end_of_turn = after[0] if after and after[0] in self.tok.get_added_tokens_decoder() else eos
+        stop = {self.end_of_turn, eos}
         for name in ("generation_config.json", "config.json"):
             if (folder / name).exists():
                 eos = json.loads((folder / name).read_text()).get("eos_token_id")
                 stop.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(stop - {None})
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -558,16 +506,15 @@ class Tokenizer:
     def token_id(self, text):
         """The id of a single token (e.g. '</think>'), or None if the text is not one token."""
         tid = self.tok.token_to_id(text)
-        if tid is None:
-            ids = self.encode(text)
-            tid = ids[0] if len(ids) == 1 else None
-        return tid
+        ids = [tid] if tid is not None else self.encode(text)
+        return ids[0] if len(ids) == 1 else None
 
     def chat_text(self, messages, add_generation_prompt, **template_kwargs):
         """The template's text, as transformers' apply_chat_template(..., tokenize=False) renders it."""
         if self.template is None:
             raise ValueError(f"{self.folder}: no chat template (no chat_template in tokenizer_config.json, no "
-                             "chat_template.jinja): send the text as it is with --raw-prompt (sample.py: leave out --chat)")
+                             "chat_template.jinja): send the text as it is with --raw-prompt "
+                             "(sample.py: leave out --chat)")
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r:.200}")
@@ -602,17 +549,6 @@ class Tokenizer:
         target = self.encode(reply) + [self.end_of_turn]
         return ids + target, [0] * len(ids) + [1] * len(target)
 
-    def find_end_of_turn(self):
-        """The token the template closes an assistant turn with (<|im_end|>, <|eot_id|>,
-        <｜end▁of▁sentence｜>), read off a rendering; else the eos token."""
-        eos = self.tok.token_to_id(self.special.get("eos_token", ""))
-        try:
-            text = self.chat_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE"}], False)
-        except ValueError:
-            return eos
-        after = self.encode(text[text.rindex("PROBE") + len("PROBE"):])
-        return after[0] if after and after[0] in self.tok.get_added_tokens_decoder() else eos
-
 
 def chat_environment():
     """jinja2 as transformers' apply_chat_template sets it up: an immutable sandbox (templates come
@@ -622,8 +558,7 @@ def chat_environment():
     def raise_exception(message):
         raise jinja2.TemplateError(message)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
     return env
 
@@ -688,15 +623,13 @@ def run_manifest(args, inputs=(), model_dir=None):
         except (OSError, subprocess.SubprocessError):
             return ""
     files = []
-    for p in inputs:
-        p = Path(p)
+    for p in map(Path, inputs):
         with open(p, "rb") as f:
             rows = sum(1 for line in f if line.strip())
-        entry = {"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows}
+        files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows})
         own = Path(f"{p}.run.json")  # e.g. traces.jsonl.run.json, written by distill.py: the teacher
         if own.exists():
-            entry["manifest"] = json.loads(own.read_text())
-        files.append(entry)
+            files[-1]["manifest"] = json.loads(own.read_text())
     model = None
     if model_dir is not None and Path(model_dir).is_dir():
         m = Path(model_dir)
@@ -736,14 +669,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(lo, hi=None, kind=int, above=False):
     """An argparse type: a finite `kind` >= lo (> lo with `above`) and <= hi; the error states the range."""
-    rule = (f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}")
+    what = "an integer" if kind is int else "a number"
+    rule = f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}"
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
             x = None
         if x is None or not math.isfinite(x) or x < lo or (above and x == lo) or (hi is not None and x > hi):
-            what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}")
         return x
     return parse
@@ -792,12 +725,11 @@ def output_lock(path, folder=False):
     target = path if folder else Path(f"{path}.lock")
     fd = os.open(target, os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"--out {path} is being written by another run (it holds the lock on {target}): "
-                        "wait for it to finish, or use another --out") from None
-    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {path} is being written by another run (it holds the lock on {target}): "
+                            "wait for it to finish, or use another --out") from None
         yield
     finally:
         os.close(fd)
@@ -814,24 +746,15 @@ def remove_leftovers(folder, *patterns):
                 p.unlink()
 
 
-def changes(old, new):
-    """'key: old -> new; ...' over the keys whose values differ ('' if none): what a refused resume names."""
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                     if old.get(k) != new.get(k))
-
-
 def read_records(path, repair=False):
     """The complete lines of a JSONL records file ([] if none). The text after the last newline is a line
     torn by a kill: cut off when repair is set (by the file's own writer), otherwise ignored (another
     writer may be at it). A bad complete line is a ValueError naming the file and line."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
+    data = path.read_bytes() if path.exists() else b""
     end = data.rfind(b"\n") + 1
     if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
+        os.truncate(path, end)
     rows = []
     for lineno, line in enumerate(data[:end].splitlines(), 1):
         if line.strip():
@@ -854,10 +777,12 @@ def append_record(path, obj):
 
 
 def refuse_changes(old, new, message):
-    """A resume with another configuration is refused: message, with {} for the differing keys."""
-    diff = changes(old, new)
+    """A resume with another configuration is refused: message, with {} for 'key: old -> new; ...' over
+    the keys whose values differ."""
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
     if diff:
-        raise UserError(message.format(diff))
+        raise UserError(message.format("; ".join(diff)))
 
 
 def folder_fingerprint(folder):
@@ -871,8 +796,7 @@ def folder_fingerprint(folder):
     for p in sorted(Path(folder).iterdir()):
         if p.suffix == ".safetensors":
             with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = f.read(min(n, 100 << 20))
+                header = f.read(min(int.from_bytes(f.read(8), "little"), 100 << 20))
             h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}:".encode() + header)
         elif p.name in ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES):
             h.update(p.name.encode() + p.read_bytes())

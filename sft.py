@@ -43,24 +43,22 @@ import os
 import resource
 import shutil
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, namedtuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import kernels
 from model import (ArgumentParser, Config, Transformer, Tokenizer, UserError, append_record, cli, folder_fingerprint,
-                   json_object, load_model, number, output_lock, pick_device, pick_dtype, refuse_changes,
+                   json_object, load_model, number, output_lock, pick_device, pick_dtype, read_records, refuse_changes,
                    remove_leftovers, run_manifest, save_model, sha256_file, trace_turn, user_errors, user_prompt,
                    write_json_atomic)
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_MODEL = REPO / "checkpoints" / "smollm2-135m-instruct"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
 IGNORE = -100
 # dense bf16 peak of the GPUs we know, for MFU; on other devices MFU is left out
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -71,71 +69,57 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except where the help explains its own or there is nothing to show."""
     def _get_help_string(self, action):
-        if "default" in action.help or action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+        explained = "default" in action.help or action.default is None or action.default is False
+        return action.help if explained else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
                        formatter_class=HelpFormatter)
-    p.add_argument("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
-                   "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
-    p.add_argument("--out", default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
-                   "checkpoints and metrics.jsonl")
-    p.add_argument("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
-    p.add_argument("--max-steps", type=number(1), default=None, help="optimizer steps to run (overrides --epochs; "
-                   "the data is reshuffled each time it runs out)")
-    p.add_argument("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=number(0), default=None,
-                   help="linear warmup steps (overrides --warmup-ratio)")
-    p.add_argument("--warmup-ratio", type=number(0, 1, float), default=0.05, help="warmup as a fraction of all steps")
-    p.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.0, help="cosine decay ends at lr * this")
-    p.add_argument("--weight-decay", type=number(0, kind=float), default=0.0,
-                   help="AdamW weight decay, on matrices only")
-    p.add_argument("--grad-clip", type=number(0, kind=float), default=1.0,
-                   help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--batch-tokens", type=number(1), default=None, help="tokens per micro-batch (default: --max-len)")
-    p.add_argument("--grad-accum", type=number(1), default=None, help="micro-batches per optimizer step, counted over "
-                   "all processes (default: one per process); must be a multiple of the number of processes")
-    p.add_argument("--max-len", type=number(1), default=None, help="longest row in tokens; longer rows are dropped "
-                   "(default: the model's max_position_embeddings)")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack several rows into one micro-batch (padding-free, attention per document); "
-                        "--no-pack: one row per micro-batch")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
-    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
-                   help="keywords for the model's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3)")
-    p.add_argument("--eval-data", default=None, help="held-out JSONL (same formats) for eval_loss")
-    p.add_argument("--eval-every", type=number(0), default=0, help="eval every N steps (0: only before and after)")
-    p.add_argument("--save-every", type=number(0), default=500,
-                   help="checkpoint every N steps (0: only the final model)")
-    p.add_argument("--keep-last", type=number(0), default=2, help="keep the newest N checkpoints (0: keep all)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward "
-                   "(activation memory of one block instead of all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when torch sees a GPU (one per torchrun process), else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (autocast); weights and optimizer state stay float32. "
-                        "auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--chunk-size", type=number(1), default=None, help="rows (tokens) per chunk of the loss: "
-                   "a chunk's logits are chunk x vocab (default: the largest power of two with at most 2^26 logits per "
-                   "chunk, e.g. 256 rows for a 152k vocabulary)")
+    add = p.add_argument
+    add("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
+        "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
+    add("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
+    add("--out", type=Path, default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
+        "checkpoints and metrics.jsonl")
+    add("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
+    add("--max-steps", type=number(1), help="optimizer steps (overrides --epochs; data is reshuffled when it runs out)")
+    add("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
+    add("--warmup-steps", type=number(0), help="linear warmup steps (overrides --warmup-ratio)")
+    add("--warmup-ratio", type=number(0, 1, float), default=0.05, help="warmup as a fraction of all steps")
+    add("--min-lr-ratio", type=number(0, 1, float), default=0.0, help="cosine decay ends at lr * this")
+    add("--weight-decay", type=number(0, kind=float), default=0.0, help="AdamW weight decay, on matrices only")
+    add("--grad-clip", type=number(0, kind=float), default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    add("--batch-tokens", type=number(1), help="tokens per micro-batch (default: --max-len)")
+    add("--grad-accum", type=number(1), help="micro-batches per optimizer step, counted over all processes (default: "
+        "one per process); must be a multiple of the number of processes")
+    add("--max-len", type=number(1), help="drop rows longer than this many tokens (default: max_position_embeddings)")
+    add("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack several rows into one micro-batch "
+        "(padding-free, attention per document); --no-pack: one row per micro-batch")
+    add("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
+    add("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+        help="keywords for the model's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3)")
+    add("--eval-data", help="held-out JSONL (same formats) for eval_loss")
+    add("--eval-every", type=number(0), default=0, help="eval every N steps (0: only before and after)")
+    add("--save-every", type=number(0), default=500, help="checkpoint every N steps (0: only the final model)")
+    add("--keep-last", type=number(0), default=2, help="keep the newest N checkpoints (0: keep all)")
+    add("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add("--grad-checkpointing", action="store_true",
+        help="recompute each block in the backward (activation memory of one block instead of all)")
+    add("--compile", action="store_true", help="torch.compile each block")
+    add("--seed", type=int, default=0, help="seed of the data order")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when torch sees a GPU (one per torchrun process), else cpu")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (autocast); weights "
+        "and optimizer state stay float32. auto: bfloat16 on GPU, float32 on CPU")
+    add("--chunk-size", type=number(1), help="rows (tokens) per chunk of the loss: a chunk's logits are chunk x vocab "
+        "(default: the largest power of two with at most 2^26 logits per chunk, e.g. 256 rows for a 152k vocabulary)")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- setup
 
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    mesh: object = None
+Dist = namedtuple("Dist", "rank world device mesh", defaults=[None])  # this process among torchrun's, or alone
 
 
 def setup_processes(device_arg):
@@ -152,7 +136,7 @@ def setup_processes(device_arg):
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(device), mesh)
 
 
-class LossModel(nn.Module):
+class LossModel(torch.nn.Module):
     """The decoder and its loss as one module. Under FSDP2 this is the root, so its own parameters
     (embeddings, final norm, the possibly tied head) stay gathered through the loss as well."""
 
@@ -194,17 +178,21 @@ def build_model(folder, args, procs, dtype):
 
 def build_optimizer(lm, args, device):
     """AdamW; weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in lm.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in lm.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in lm.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     cuda = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda, foreach=not cuda)
 
 
 # ----------------------------------------------------------------------------- data
 
+# ShareGPT's "from" -> the chat role
+SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def to_messages(row):
-    """One JSONL row, in any of the three formats, -> chat messages. ValueError says what is wrong."""
+    """One JSONL row, in any of the three formats, -> chat messages. ValueError says what is wrong (about
+    each turn's role and content: Tokenizer.render, which renders them)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
@@ -213,11 +201,10 @@ def to_messages(row):
             raise ValueError("'messages' must be a list of {role, content} objects")
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
     elif "conversations" in row:
-        roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
         turns = row["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in roles for t in turns):
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SPEAKERS for t in turns):
             raise ValueError("'conversations' must be a list of {from: system|human|gpt, value} objects")
-        messages = [{"role": roles[t["from"]], "content": t.get("value")} for t in turns]
+        messages = [{"role": SPEAKERS[t["from"]], "content": t.get("value")} for t in turns]
     elif "problem" in row:
         for key in ("problem", "thinking", "solution"):
             if not isinstance(row.get(key), str) or (key != "thinking" and not row[key].strip()):
@@ -226,10 +213,7 @@ def to_messages(row):
                     {"role": "assistant", "content": trace_turn(row["thinking"], row["solution"])}]
     else:
         raise ValueError("needs 'problem'/'thinking'/'solution', 'messages' or 'conversations'")
-    for i, m in enumerate(messages):
-        if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
-            raise ValueError(f"message {i}: needs role system/user/assistant and string content")
-    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
         raise ValueError("needs a non-empty assistant turn last, after the prompt: it is the turn trained on")
     return messages
 
@@ -241,8 +225,7 @@ def tokenize(messages, tok, template_kwargs=None):
     return ids, labels
 
 
-@dataclass
-class Example:
+class Example(NamedTuple):
     ids: torch.Tensor      # (L,) int32
     labels: torch.Tensor   # (L,) int32, IGNORE where nothing is learned
 
@@ -254,28 +237,33 @@ class Example:
 def load_examples(path, tok, max_len, skip_bad=False, template_kwargs=None):
     """JSONL -> Examples and counts. Blank lines are not rows; a malformed row is an error naming its
     line (or skipped and counted); a row longer than max_len is dropped and counted, never truncated."""
-    examples, counts = [], Counter()
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            counts["rows"] += 1
-            try:
-                ids, labels = tokenize(to_messages(json.loads(line)), tok, template_kwargs)
-                if all(x == IGNORE for x in labels):
-                    raise ValueError("no target tokens after rendering")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if not skip_bad:
-                    raise ValueError(f"{path}:{lineno}: {e} (use --skip-bad to skip such rows)") from None
-                counts["bad"] += 1
-                continue
-            if len(ids) > max_len:
-                counts["too_long"] += 1
-                continue
-            examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)))
-            counts["kept"] += 1
-            counts["tokens"] += len(ids)
-            counts["targets"] += examples[-1].targets
+        rows = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+    examples, counts = [], Counter(rows=len(rows))
+    for lineno, line in rows:
+        try:
+            ids, labels = tokenize(to_messages(json.loads(line)), tok, template_kwargs)  # >= 1 target: end of turn
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if not skip_bad:
+                raise ValueError(f"{path}:{lineno}: {e} (use --skip-bad to skip such rows)") from None
+            counts["bad"] += 1
+            continue
+        if len(ids) > max_len:
+            counts["too_long"] += 1
+            continue
+        examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32)))
+        counts.update(kept=1, tokens=len(ids), targets=examples[-1].targets)
+    return examples, counts
+
+
+def load_data(path, args, tok, say):
+    """load_examples on --data or --eval-data, under the run's settings; a file with no usable row is refused."""
+    with user_errors(path):
+        examples, counts = load_examples(path, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
+    say(f"{path}: {counts['kept']} of {counts['rows']} rows kept ({counts['too_long']} longer than --max-len dropped, "
+        f"{counts['bad']} malformed skipped): {counts['tokens']:,} tokens, {counts['targets']:,} of them targets")
+    if not examples:
+        raise UserError(f"{path}: no usable rows")
     return examples, counts
 
 
@@ -294,31 +282,28 @@ def pack(lengths, order, budget, packing=True):
 def make_plan(lengths, args):
     """Every optimizer step of the run, fixed in advance by the seed: a list of (epoch, fraction of the
     epoch done after this step, micro-batches). A resumed run rebuilds the same plan."""
-    steps, epoch = [], 0
+    steps, epoch, n = [], 0, args.grad_accum
     while (len(steps) < args.max_steps) if args.max_steps else epoch < args.epochs:
         order = np.random.default_rng([args.seed, epoch]).permutation(len(lengths))
         micro = pack(lengths, order, args.batch_tokens, args.pack)
-        for i in range(0, len(micro), args.grad_accum):
-            steps.append((epoch, epoch + min(i + args.grad_accum, len(micro)) / len(micro), micro[i:i + args.grad_accum]))
+        for i in range(0, len(micro), n):
+            steps.append((epoch, epoch + min(i + n, len(micro)) / len(micro), micro[i:i + n]))
         epoch += 1
     return steps[:args.max_steps] if args.max_steps else steps
 
 
-def my_share(micro_batches, procs, per_rank):
+def my_share(micro_batches, procs):
     """This rank's micro-batches: r, r + W, ...; padded with empty ones so every rank runs the same
     number of forward passes (FSDP's collectives must match)."""
     mine = micro_batches[procs.rank::procs.world]
-    return mine + [[]] * (per_rank - len(mine))
+    return mine + [[]] * (math.ceil(len(micro_batches) / procs.world) - len(mine))
 
 
 def collate(examples, rows, device):
     """Rows -> one padding-free sequence (B = 1): ids, labels, positions restarting at 0 per document,
     and cu_seqlens (the document boundaries) when there is more than one. No rows -> one dummy
     token without a label (a no-op micro-batch for a rank with nothing left to do)."""
-    if not rows:
-        z = torch.zeros(1, 1, dtype=torch.long, device=device)
-        return {"ids": z, "labels": torch.full_like(z, IGNORE), "positions": z, "cu_seqlens": None}
-    docs = [examples[i] for i in rows]
+    docs = [examples[i] for i in rows] or [Example(torch.zeros(1, dtype=torch.int32), torch.tensor([IGNORE]))]
     lengths = [len(d.ids) for d in docs]
     batch = {"ids": torch.cat([d.ids for d in docs]).long()[None],                        # (1, T)
              "labels": torch.cat([d.labels for d in docs]).long()[None],                  # (1, T)
@@ -339,7 +324,7 @@ def lr_at(step, total, args):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss or gradient norm is not finite: the step stops before the update."""
 
 
 def train_step(lm, optimizer, batches, n_targets, procs, grad_clip):
@@ -366,17 +351,18 @@ def train_step(lm, optimizer, batches, n_targets, procs, grad_clip):
 
 
 @torch.no_grad()
-def evaluate(lm, examples, micro_batches, procs):
-    """Mean loss per target token over the held-out rows, the micro-batches shared across ranks."""
+def evaluate(lm, examples, args, procs):
+    """Mean loss per target token over the held-out rows, packed as training packs, the micro-batches
+    shared across ranks."""
+    micro_batches = pack([len(e.ids) for e in examples], range(len(examples)), args.batch_tokens, args.pack)
     lm.eval()
-    per_rank = -(-len(micro_batches) // procs.world)
     total = torch.zeros((), device=procs.device)
-    for rows in my_share(micro_batches, procs, per_rank):
+    for rows in my_share(micro_batches, procs):
         total += lm(**collate(examples, rows, procs.device))
     if procs.world > 1:
         dist.all_reduce(total)
     lm.train()
-    return total.item() / sum(examples[i].targets for rows in micro_batches for i in rows)
+    return total.item() / sum(e.targets for e in examples)
 
 
 def step_flops(config, doc_lengths):
@@ -384,79 +370,62 @@ def step_flops(config, doc_lengths):
     head counts even when tied; the embedding lookup is no matmul), plus causal attention per document
     (forward 2 * H * D * L^2 per layer, backward 2.5x that). Recomputation is not counted."""
     c, D = config, config.head_dim
-    per_layer = c.hidden_size * D * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) \
-        + 3 * c.hidden_size * c.intermediate_size
+    per_layer = c.hidden_size * (D * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * c.intermediate_size)
     matmul_weights = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
     attn = 3.5 * 2 * c.num_hidden_layers * c.num_attention_heads * D
     return 6 * matmul_weights * sum(doc_lengths) + attn * sum(n * n for n in doc_lengths)
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
-
-
-class Meter:
+def step_speed(config, doc_lengths, seconds, procs):
     """Throughput, MFU (on GPUs whose peak we know) and peak memory of a step."""
-
-    def __init__(self, lm, procs):
-        self.config = lm.model.config
-        self.device, self.world = procs.device, procs.world
-        name = torch.cuda.get_device_name(procs.device) if procs.device.type == "cuda" else ""
-        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-    def __call__(self, doc_lengths, seconds):
-        record = {"tokens_per_s": round(sum(doc_lengths) / seconds, 1),
-                  "peak_mem_gb": round(peak_memory_gb(self.device), 3)}
-        if self.peak:
-            flops = step_flops(self.config, doc_lengths)
-            record["mfu"] = round(flops / (seconds * self.peak * self.world), 4)
-        return record
+    if procs.device.type == "cuda":
+        peak_gb = torch.cuda.max_memory_allocated(procs.device) / 1e9
+        peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(procs.device)), None)
+    else:
+        peak_gb, peak_flops = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, None  # Linux reports KiB
+    record = {"tokens_per_s": round(sum(doc_lengths) / seconds, 1), "peak_mem_gb": round(peak_gb, 3)}
+    if peak_flops:
+        record["mfu"] = round(step_flops(config, doc_lengths) / (seconds * peak_flops * procs.world), 4)
+    return record
 
 
 # ----------------------------------------------------------------------------- save / resume
 
 def checkpoints(out):
     """Complete checkpoints in `out`, oldest first: step-<N> folders whose trainer_state.pt exists."""
-    found = [(int(p.name.split("-")[1]), p) for p in Path(out).glob("step-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in Path(out).glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def full_states(lm, optimizer):
-    """Full (unsharded) model and optimizer state dicts on CPU: on rank 0 under FSDP, everywhere otherwise."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(lm, options=options)
-    optim_state = get_optimizer_state_dict(lm, optimizer, options=options) if optimizer is not None else None
-    return model_state, optim_state
-
-
-def write_model(model_state, config, folder, tokenizer_from, manifest):
-    """A full state dict (LossModel's keys) -> an HF folder, written atomically by model.save_model."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    state = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
-    model.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
-    model.tie_weights()
-    return save_model(model, folder, tokenizer_from=tokenizer_from, extra_files={"run.json": manifest})
-
-
-def save_checkpoint(lm, optimizer, out, step, trainer_state, manifest, args, procs):
-    """<out>/step-<N>/: HF weights (fp32, so a resume is exact) + trainer_state.pt, written last so its
-    presence means complete. Then only the newest --keep-last are kept."""
-    model_state, optim_state = full_states(lm, optimizer)
-    folder = Path(out) / f"step-{step}"
+def write_model(lm, folder, manifest, args, procs):
+    """The model's weights, gathered in full on rank 0 under FSDP, -> an HF folder that rank 0 writes
+    atomically (model.save_model). fp32, so that a resume is exact."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if procs.rank == 0:
-        write_model(model_state, lm.model.config, folder, args.model,
-                    {**manifest, "step": step, "metrics": trainer_state["last_metrics"]})
+        with torch.device("meta"):
+            model = Transformer(lm.model.config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True,  # LossModel's keys
+                              strict=not model.config.tie_word_embeddings)
+        model.tie_weights()
+        save_model(model, folder, tokenizer_from=args.model, extra_files={"run.json": manifest})
+
+
+def save_checkpoint(lm, optimizer, out, trainer_state, manifest, args, procs):
+    """<out>/step-<N>/: the HF folder + trainer_state.pt (the optimizer state gathered in full), written
+    last so that its presence means complete. Then only the newest --keep-last are kept."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    step = trainer_state["step"]
+    folder = out / f"step-{step}"
+    write_model(lm, folder, {**manifest, "step": step, "metrics": trainer_state["last_metrics"]}, args, procs)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = get_optimizer_state_dict(lm, optimizer, options=options)
+    if procs.rank == 0:
         tmp = folder / f".trainer_state.pt.tmp-{os.getpid()}"
         torch.save({**trainer_state, "optimizer": optim_state}, tmp)
         os.replace(tmp, folder / "trainer_state.pt")
-        if args.keep_last > 0:
-            for old in checkpoints(out)[:-args.keep_last]:
-                shutil.rmtree(old)
+        for old in checkpoints(out)[:-args.keep_last] if args.keep_last > 0 else []:
+            shutil.rmtree(old)
     if procs.world > 1:
         dist.barrier()
     return folder
@@ -466,10 +435,9 @@ def export_final(lm, out, args, manifest, procs):
     """The final model into <out> itself. save_model replaces a whole folder, and <out> also holds the
     checkpoints, so the model goes to a staging folder first and its files move in one by one:
     config.json goes first out and last in, so <out> loads as a model only once every file is new."""
-    model_state, _ = full_states(lm, None)
+    staging = out / ".final"
+    write_model(lm, staging, manifest, args, procs)
     if procs.rank == 0:
-        out, staging = Path(out), Path(out) / ".final"
-        write_model(model_state, lm.model.config, staging, args.model, manifest)
         for old in [out / "config.json", *out.glob("model*.safetensors*")]:
             old.unlink(missing_ok=True)
         for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
@@ -493,22 +461,21 @@ def run_fingerprint(args, dtype):
 
 
 def restore(ckpt, optimizer, lm):
-    """Load trainer_state.pt of a checkpoint into the optimizer; returns the state. (No RNG state: nothing
-    in a step draws random numbers: no dropout, and the data order comes from the seed.)"""
+    """Load trainer_state.pt of a checkpoint into the optimizer; returns its step and progress. (No RNG
+    state: nothing in a step draws random numbers: no dropout, and the data order comes from the seed.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     set_optimizer_state_dict(lm, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    return state
+    return state["step"], state["progress"]
 
 
 def truncate_metrics(path, step):
     """A killed run may have logged steps after its last checkpoint; they are redone, so drop them
-    (all of them when starting from step 0)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and step > 0 and json.loads(l)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in lines))
-        os.replace(tmp, path)
+    (all of them when starting from step 0), and a line torn by the kill."""
+    kept = [r for r in read_records(path) if step > 0 and r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))  # as append_record writes them
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -537,15 +504,13 @@ def starting_point(args, out, fingerprint, say):
     """Where the run starts: None (the base model), the newest complete checkpoint (--resume), or
     "finished" when --resume finds this very run's final model in --out. A run is never mixed with
     another: without --resume an existing run is refused, and with it any setting that differs."""
-    found = checkpoints(out)
-    if not args.resume:
-        if found or (out / "config.json").exists():
-            raise UserError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
-        return None
-    source = out if (out / "config.json").exists() else found[-1] if found else None
+    source = out if (out / "config.json").exists() else (checkpoints(out) or [None])[-1]
     if source is None:
-        say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
+        if args.resume:
+            say(f"--resume: no complete checkpoint in {out}, starting from {args.model}")
         return None
+    if not args.resume:
+        raise UserError(f"{out} already holds a model or checkpoints: pass --resume, or choose another --out")
     refuse_changes(json.loads((source / "run.json").read_text()).get("fingerprint", {}), fingerprint,
                    f"--resume: {source} was made with settings that change the result ({{}}). "
                    "Use the same settings, or another --out")
@@ -555,45 +520,22 @@ def starting_point(args, out, fingerprint, say):
 def resolve_sizes(args, config, procs):
     """Defaults that depend on the model and the number of processes, and their checks."""
     context = config.max_position_embeddings
-    if args.max_len is not None and args.max_len > context:
-        raise UserError(f"--max-len must be in [1, {context}] (the model's context), got {args.max_len}")
     args.max_len = args.max_len or context
+    if args.max_len > context:
+        raise UserError(f"--max-len must be in [1, {context}] (the model's context), got {args.max_len}")
     args.batch_tokens = args.batch_tokens or args.max_len
     args.grad_accum = args.grad_accum or procs.world
     if args.batch_tokens < args.max_len:
-        raise UserError(f"--batch-tokens {args.batch_tokens} < --max-len {args.max_len}: "
-                        "the longest rows would not fit")
+        raise UserError(f"--batch-tokens {args.batch_tokens} < --max-len {args.max_len}: the longest rows cannot fit")
     if args.grad_accum % procs.world:
         raise UserError(f"--grad-accum {args.grad_accum} is not a multiple of the {procs.world} processes")
-
-
-def load_data(args, tok, say):
-    """Training examples, and the held-out examples with their micro-batches (or None)."""
-    with user_errors(args.data):
-        examples, counts = load_examples(args.data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
-    say(f"data {args.data}: {counts['rows']} rows, {counts['kept']} kept, {counts['too_long']} longer than "
-        f"--max-len {args.max_len} dropped, {counts['bad']} malformed skipped; {counts['tokens']:,} tokens, "
-        f"{counts['targets']:,} of them targets")
-    if not examples:
-        raise UserError(f"{args.data}: no usable rows")
-    held_out = None
-    if args.eval_data:
-        with user_errors(args.eval_data):
-            rows, eval_counts = load_examples(args.eval_data, tok, args.max_len, args.skip_bad, args.chat_template_kwargs)
-        if not rows:
-            raise UserError(f"{args.eval_data}: no usable rows")
-        held_out = (rows, pack([len(e.ids) for e in rows], range(len(rows)), args.batch_tokens, args.pack))
-        say(f"eval {args.eval_data}: {eval_counts['kept']} of {eval_counts['rows']} rows kept, "
-            f"{eval_counts['targets']:,} targets")
-    return examples, counts, held_out
 
 
 def main(argv=None):
     args = parse_args(argv)
     procs = setup_processes(args.device)
-    out = Path(args.out)
-    with output_lock(out, folder=True) if procs.rank == 0 else contextlib.nullcontext():
-        return train(args, procs, out)
+    with output_lock(args.out, folder=True) if procs.rank == 0 else contextlib.nullcontext():
+        return train(args, procs, args.out)
 
 
 def train(args, procs, out):
@@ -618,66 +560,64 @@ def train(args, procs, out):
     optimizer = build_optimizer(lm, args, procs.device)
 
     # data
-    examples, counts, held_out = load_data(args, tok, say)
+    examples, counts = load_data(args.data, args, tok, say)
+    held_out = load_data(args.eval_data, args, tok, say)[0] if args.eval_data else None
     plan = make_plan([len(e.ids) for e in examples], args)
     total = len(plan)
     say(f"{total} steps of {args.grad_accum} micro-batches of <= {args.batch_tokens} tokens, {procs.world} "
         f"process(es), {procs.device}, {str(dtype).removeprefix('torch.')} compute")
 
     # where the run stands
-    manifest = run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
-                            inputs=[args.data] + ([args.eval_data] if args.eval_data else []), model_dir=args.model)
-    manifest["fingerprint"] = fingerprint
+    manifest = {**run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
+                               inputs=[args.data] + ([args.eval_data] if args.eval_data else []), model_dir=args.model),
+                "fingerprint": fingerprint}
     start, progress = 0, {"tokens": 0, "train_s": 0.0}
     if ckpt is not None:
-        state = restore(ckpt, optimizer, lm)
-        start, progress = state["step"], state["progress"]
+        start, progress = restore(ckpt, optimizer, lm)
         manifest["resumed_from"] = str(ckpt)
         say(f"resumed from {ckpt} at step {start}")
     metrics_path = out / "metrics.jsonl"
     if procs.rank == 0:
         write_json_atomic(out / "run.json", manifest)  # marks --out as an sft.py output (see claim)
         truncate_metrics(metrics_path, start)
-    meter, last_ckpt, loss, eval_loss = Meter(lm, procs), ckpt, None, None
+    loss = eval_loss = None
     if held_out and start == 0:
-        eval_loss = evaluate(lm, *held_out, procs)
+        eval_loss = evaluate(lm, held_out, args, procs)
         say(f"step 0: eval_loss {eval_loss:.4f}")
         if procs.rank == 0:
             append_record(metrics_path, {"step": 0, "eval_loss": eval_loss})
 
-    # the loop
+    # the loop; `step` counts from 1: the step being taken
     bar = tqdm(total=total, initial=start, disable=procs.rank != 0, dynamic_ncols=True)
-    for step in range(start, total):
-        epoch, epoch_done, micro = plan[step]
-        lr = lr_at(step, total, args)
+    for step, (epoch, epoch_done, micro) in enumerate(plan[start:], start + 1):
+        lr = lr_at(step - 1, total, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [collate(examples, rows, procs.device) for rows in my_share(micro, procs, args.grad_accum // procs.world)]
+        batches = [collate(examples, rows, procs.device) for rows in my_share(micro, procs)]
         n_targets = sum(examples[i].targets for rows in micro for i in rows)  # every rank knows the whole plan
         t0 = time.perf_counter()
         try:
             loss, grad_norm = train_step(lm, optimizer, batches, n_targets, procs, args.grad_clip)
         except NonFiniteLoss as e:
-            raise RuntimeError(f"step {step + 1}: {e}; stopped before the update. The last good checkpoint is "
-                               f"{last_ckpt or 'none (no checkpoint was written)'}") from None
+            raise RuntimeError(f"step {step}: {e}; stopped before the update. The last good checkpoint is "
+                               f"{ckpt or 'none (no checkpoint was written)'}") from None
         if procs.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         docs = [len(examples[i].ids) for rows in micro for i in rows]
-        progress["tokens"] += sum(docs)
-        progress["train_s"] += seconds
-        record = {"step": step + 1, "epoch": round(epoch_done, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": sum(docs), "targets": n_targets, **meter(docs, seconds)}
-        if held_out and (step + 1 == total or args.eval_every and (step + 1) % args.eval_every == 0):
-            record["eval_loss"] = eval_loss = evaluate(lm, *held_out, procs)
+        progress = {"tokens": progress["tokens"] + sum(docs), "train_s": progress["train_s"] + seconds}
+        record = {"step": step, "epoch": round(epoch_done, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": sum(docs), "targets": n_targets, **step_speed(lm.model.config, docs, seconds, procs)}
+        if held_out and (step == total or args.eval_every and step % args.eval_every == 0):
+            record["eval_loss"] = eval_loss = evaluate(lm, held_out, args, procs)
         if procs.rank == 0:
             append_record(metrics_path, record)
             bar.update(1)
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            state = {"step": step + 1, "epoch": epoch, "fingerprint": fingerprint, "progress": progress,
+        if args.save_every and step % args.save_every == 0 and step < total:
+            state = {"step": step, "epoch": epoch, "fingerprint": fingerprint, "progress": progress,
                      "last_metrics": record}
-            last_ckpt = save_checkpoint(lm, optimizer, out, step + 1, state, manifest, args, procs)
+            ckpt = save_checkpoint(lm, optimizer, out, state, manifest, args, procs)
     bar.close()
 
     # save

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import eval_aime
-from eval_aime import check_answer, final_answer, load_problems, majority
+from eval_aime import check_answer, final_answer, load_problems
 
 R1 = "<think>\nOkay, let me set this up. ... Let me double-check the arithmetic.\n</think>\n\n"
 
@@ -161,4 +161,4 @@ def test_majority_votes_over_equivalence_classes():
     same = eval_aime.equivalent
     answers = ["\\frac{1}{2}", "3", "0.5", "\\dfrac12", None, "3", "3.0"]
     assert eval_aime.vote(answers, same) == [[0, 2, 3], [1, 5, 6]]
-    assert majority(["0.75", "\\frac{1}{2}", "0.5", "\\frac34", "\\frac{3}{4}"], same) == "0.75"
+    assert eval_aime.vote(["0.75", "\\frac{1}{2}", "0.5", "\\frac34", "\\frac{3}{4}"], same) == [[0, 3, 4], [1, 2]]

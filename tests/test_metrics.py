@@ -3,10 +3,11 @@
     .venv/bin/python -m pytest tests/test_metrics.py -q
 """
 import math
+import operator
 
 import pytest
 
-from eval_aime import ci95, majority, mean_stderr, pass_at_k, summarize
+from eval_aime import ci95, mean_stderr, pass_at_k, summarize, vote
 
 
 def test_pass_at_k_hand_computed():
@@ -42,13 +43,14 @@ def test_pass_at_k_rejects_nonsense():
 
 
 def test_majority_and_ties():
-    assert majority([5, 7, 5]) == 5
-    assert majority([None, None, 7]) == 7                 # None never votes
-    assert majority([None, None]) is None
-    assert majority([]) is None
-    assert majority([7, 5, 5, 7]) == 7                    # tie: the answer that appeared first
-    assert majority([5, 7, 7, 5]) == 5
-    assert majority([None, 3, 9, 9, 3]) == 3
+    # classes of equal answers, largest first: the majority answer is the first of the first class
+    assert vote([5, 7, 5], operator.eq) == [[0, 2], [1]]
+    assert vote([None, None, 7], operator.eq) == [[2]]               # None never votes
+    assert vote([None, None], operator.eq) == []
+    assert vote([], operator.eq) == []
+    assert vote([7, 5, 5, 7], operator.eq) == [[0, 3], [1, 2]]       # tie: the answer that appeared first
+    assert vote([5, 7, 7, 5], operator.eq) == [[0, 3], [1, 2]]
+    assert vote([None, 3, 9, 9, 3], operator.eq) == [[1, 4], [2, 3]]
 
 
 def test_mean_stderr_and_interval():
