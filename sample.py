@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -137,8 +138,7 @@ class LocalSampler:
         self.model = model.load_model(model_dir, self.device, self.dtype).eval()
         self.tok = model.Tokenizer(model_dir)
         self.template_kwargs = dict(chat_template_kwargs or {})  # e.g. Qwen3's {"enable_thinking": false}
-        self.stop_ids = set(self.tok.stop_ids)
-        self.think_end = self.tok.encode("</think>")
+        self.stop_ids, self.think_end = set(self.tok.stop_ids), self.tok.encode("</think>")
         # --compile: one static-shape graph of the decode step; on CUDA replayed as a CUDA graph
         # ("reduce-overhead"), which removes the per-kernel launch cost that dominates small batches.
         mode = "reduce-overhead" if self.device.startswith("cuda") else None
@@ -172,7 +172,7 @@ class LocalSampler:
         """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
         request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
         the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches.
-        Each round: admit waiting prompts into free rows, pick every row's next token, retire the rows
+        Each round: admit waiting prompts into free rows, pick every row's next token and retire the rows
         that finished, decode one token for the rest."""
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
@@ -194,28 +194,32 @@ class LocalSampler:
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
             logits = self.admit(waiting, rows, cache, logits)
-            for slot, reason in reversed(self.step(rows, logits, params, max_len, on_token)):
-                yield self.retire(rows, slot, reason, cache)
-            logits = self.decode(rows, cache)
+            yield from self.step(rows, logits, params, max_len, on_token, cache)
+            logits = self.decode(rows, cache) if rows else logits[:0]  # (B, V); (0, V) once every row finished
 
     def admit(self, waiting, rows, cache, logits):
-        """Fill free rows with waiting prompts: one prefill each, copied to its rows. -> logits (B, V)"""
+        """Fill free rows with waiting prompts: each prompt runs once into a scratch cache, which is copied
+        to its rows. -> logits (B, V)"""
         while waiting and len(rows) < cache.batch_size:
             prompt, group = waiting[0]
             take = group[:cache.batch_size - len(rows)]
             del group[:len(take)]
             if not group:
                 waiting.pop(0)
-            first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
+            scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
+            ids, positions = torch.tensor([prompt, range(len(prompt))], device=self.device)[:, None]   # (1, P) each
+            first = self.model(ids, cache=scratch, positions=positions)[0, -1].float()                 # (V,)
+            cache.write(slice(len(rows), len(rows) + len(take)), scratch)
             rows += take
             logits = torch.cat([logits, first.expand(len(take), -1)])
         return logits
 
-    def step(self, rows, logits, params, max_len, on_token):
+    def step(self, rows, logits, params, max_len, on_token, cache):
         """Every row's next token: sampled, then budget forcing (s1): past max_think_tokens the row is made
         to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking is what a row
         writes before its first "</think>" (prompts that open "<think>" count as such); a forced sequence
-        runs to its end. -> [(slot, finish reason)] of the rows that finished."""
+        runs to its end. Rows that finished leave (the last row moves into the freed slot): yields their
+        (index, Completion)."""
         done = []
         sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
         for slot, (row, t) in enumerate(zip(rows, sampled)):
@@ -229,31 +233,24 @@ class LocalSampler:
             row.tokens.append(t)
             if on_token:
                 on_token(row.index, t)
-            if row.thinking and row.tokens[-len(self.think_end):] == self.think_end:
-                row.thinking = False
+            row.thinking = row.thinking and row.tokens[-len(self.think_end):] != self.think_end
             if t in self.stop_ids and not row.forced:
                 done.append((slot, "stop"))
             elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
                 done.append((slot, "length"))
-        return done
-
-    def retire(self, rows, slot, reason, cache):
-        """A finished row leaves; the last row moves into its place. -> (index, Completion)"""
-        row, last = rows[slot], rows.pop()
-        if slot < len(rows):
-            cache.copy_rows(len(rows), [slot], last.position)
-            rows[slot] = last
-        ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
-        return row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
-                                     token_ids=row.tokens, opened=row.opened)
+        for slot, reason in reversed(done):  # from the end, so that the row moved in has been seen
+            row, last = rows[slot], rows.pop()
+            if slot < len(rows):
+                cache.copy_rows(len(rows), [slot], last.position)
+                rows[slot] = last
+            ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
+            yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
+                                        token_ids=row.tokens, opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
-        if not rows:
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
         B = cache.batch_size
-        ids = [r.tokens[-1] for r in rows]
-        positions = [r.position - 1 for r in rows]
+        ids, positions = [r.tokens[-1] for r in rows], [r.position - 1 for r in rows]
         if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
             ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
             cache.rows, cache.length = B, None
@@ -266,27 +263,16 @@ class LocalSampler:
         return logits.clone() if self.compile else logits  # a CUDA graph's output is overwritten by its next replay
 
     def cache(self, B, max_len):
-        """A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
+        """A cache of at most B rows, as many as fit in 80% of the free memory at max_len positions each.
+        The cache is allocated whole, up front: 64 samples of SmolLM2-135M at its 8,192-token context
+        take 24 GB. Fewer rows at a time give the same completions (each row has its own seed), only
+        later; say so, and refuse when not even one row fits.
+        A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
         buffer address would mean a new graph. Its length is rounded up to a power of two so that
         calls of similar length share one graph (stale entries past a row's position are masked)."""
-        if not self.compile:
-            return KVCache(self.model.config, self.rows_that_fit(B, max_len), max_len, self.device, self.dtype)
-        max_len = min(self.model.config.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
-        B = self.rows_that_fit(B, max_len)
-        c = self.static_cache
-        if c is None or c.batch_size != B or c.max_len < max_len:
-            c = self.static_cache = None  # free the old one first
-            c = self.static_cache = KVCache(self.model.config, B, max_len, self.device, self.dtype)
-            for buf in c.k + c.v:
-                torch._dynamo.mark_static_address(buf)
-        return c
-
-    def rows_that_fit(self, B, max_len):
-        """At most B rows, as many as a cache of max_len positions per row fits in 80% of the free
-        memory. The cache is allocated whole, up front: 64 samples of SmolLM2-135M at its 8,192-token
-        context take 24 GB. Fewer rows at a time give the same completions (each row has its own seed),
-        only later; say so, and refuse when not even one row fits."""
         c = self.model.config
+        if self.compile:
+            max_len = min(c.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
         per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim * self.dtype.itemsize
         free = free_memory(self.device)
         if self.static_cache is not None:  # about to be replaced: its memory counts as free
@@ -298,15 +284,15 @@ class LocalSampler:
         if fit < B:
             print(f"sample.py: a KV cache of {B} rows x {max_len} positions would take {B * per_row / 1e9:.1f} GB, "
                   f"{free / 1e9:.1f} GB are free: decoding {fit} rows at a time", file=sys.stderr)
-        return fit
-
-    def prefill(self, prompt, cache, slot, n):
-        """Run the prompt once into a scratch cache, copy it to rows slot..slot+n-1. -> logits (V,)"""
-        scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
-        ids = torch.tensor([prompt], device=self.device)                                 # (1, P)
-        logits = self.model(ids, cache=scratch, positions=torch.arange(len(prompt), device=self.device)[None])
-        cache.write(slice(slot, slot + n), scratch)
-        return logits[0, -1].float()
+        if not self.compile:
+            return KVCache(c, fit, max_len, self.device, self.dtype)
+        old = self.static_cache
+        if old is None or old.batch_size != fit or old.max_len < max_len:
+            old = self.static_cache = None  # free the old one first
+            self.static_cache = KVCache(c, fit, max_len, self.device, self.dtype)
+            for buf in self.static_cache.k + self.static_cache.v:
+                torch._dynamo.mark_static_address(buf)
+        return self.static_cache
 
 
 def free_memory(device):
@@ -329,16 +315,11 @@ RETRY_STATUSES = {408, 409, 429}          # plus every 5xx
 
 class EndpointError(Exception):
     """A request that failed for good: a non-retryable status, or retries exhausted. status is the
-    HTTP status (None for connection errors and timeouts, 200 for a malformed reply); retry_after
-    the server's Retry-After in seconds, if it sent one."""
+    HTTP status (None for connection errors and timeouts, 200 for a malformed reply)."""
 
-    def __init__(self, message, status=None, attempts=1, retry_after=None):
+    def __init__(self, message, status=None, attempts=1):
         super().__init__(message)
-        self.status, self.message, self.attempts, self.retry_after = status, message, attempts, retry_after
-
-
-class _Retry(EndpointError):
-    """One attempt failed in a way worth retrying: connection errors, timeouts, 408/409/429 and 5xx."""
+        self.status, self.message, self.attempts = status, message, attempts
 
 
 class EndpointSampler:
@@ -380,10 +361,8 @@ class EndpointSampler:
             while True:
                 # Submit lazily, never more than `concurrency` ahead: a caller that stops early
                 # (budget reached, Ctrl-C) leaves no queue of requests still to be paid for.
-                for i, req in todo:
+                for i, req in islice(todo, self.concurrency - len(pending)):
                     pending[pool.submit(self._complete, req, params)] = i
-                    if len(pending) >= self.concurrency:
-                        break
                 if not pending:
                     return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -401,48 +380,37 @@ class EndpointSampler:
         body = {"model": self.api_model, "messages": turns, "seed": req.seed}
         if self.o_series:
             return {**body, "messages": _fold_system(turns), "max_completion_tokens": params.max_new_tokens}
-        body.update(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p)
-        if params.top_k > 0:                      # not OpenAI; vLLM / SGLang accept it as an extra field
-            body["top_k"] = params.top_k
-        if params.min_p > 0:
-            body["min_p"] = params.min_p
-        if self.template_kwargs:                  # vLLM / SGLang pass it to the model's chat template
-            body["chat_template_kwargs"] = self.template_kwargs
-        return body
+        # not OpenAI's, sent only when set: vLLM / SGLang accept them (chat_template_kwargs: for the model's template)
+        extras = {"top_k": params.top_k, "min_p": params.min_p, "chat_template_kwargs": self.template_kwargs}
+        return {**body, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                **{k: v for k, v in extras.items() if v}}
 
     def _complete(self, req, params):
-        """One request with retries: exponential backoff with jitter, or the server's Retry-After."""
+        """One request with retries: connection errors, timeouts, 408/409/429 and 5xx are asked again after
+        exponential backoff with jitter, or after the server's Retry-After; other statuses fail at once."""
         payload = json.dumps(self._payload(req, params)).encode()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self._key}"} if self._key else {})
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return self._parse(self._post(payload))
-            except _Retry as e:
-                if attempt == self.max_attempts:
-                    raise EndpointError(f"gave up after {attempt} attempts: {e}", e.status, attempt) from None
-                time.sleep(e.retry_after if e.retry_after is not None else
-                           min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
-            except EndpointError as e:
-                e.attempts = attempt
-                raise
+                request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as e:
+                message, status, retry_after = self.scrub(_error_message(e)), e.code, _retry_after(e.headers)
+                if status not in RETRY_STATUSES and status < 500:
+                    raise EndpointError(f"HTTP {status} from {self.url}: {message}", status, attempt) from None
+                error = f"HTTP {status}: {message}"
+            except (OSError, http.client.HTTPException) as e:
+                # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
+                error, status, retry_after = self.scrub(f"{type(e).__name__}: {e}"), None, None
+            else:
+                return self._parse(raw, attempt)
+            if attempt == self.max_attempts:
+                raise EndpointError(f"gave up after {attempt} attempts: {error}", status, attempt)
+            time.sleep(retry_after if retry_after is not None else
+                       min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
 
-    def _post(self, payload):
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            message = self.scrub(_error_message(e))
-            if e.code in RETRY_STATUSES or e.code >= 500:
-                raise _Retry(f"HTTP {e.code}: {message}", e.code, retry_after=_retry_after(e.headers)) from None
-            raise EndpointError(f"HTTP {e.code} from {self.url}: {message}", e.code) from None
-        except (OSError, http.client.HTTPException) as e:
-            # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
-            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
-
-    def _parse(self, raw):
+    def _parse(self, raw, attempt):
         """A chat-completions reply -> Completion. Reasoning comes from reasoning_content (DeepSeek, vLLM)
         or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
         try:
@@ -451,13 +419,11 @@ class EndpointSampler:
             message = choice["message"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise EndpointError(f"malformed reply from {self.url} (no JSON with choices[0].message): "
-                                f"{self.scrub(raw[:200].decode(errors='replace'))}", 200) from None
+                                f"{self.scrub(raw[:200].decode(errors='replace'))}", 200, attempt) from None
         usage = reply.get("usage") or {}
-        return Completion(text=message.get("content") or "",
-                          num_tokens=int(usage.get("completion_tokens") or 0),
-                          finish_reason=choice.get("finish_reason") or "unknown",
-                          reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
-                          usage=usage)
+        return Completion(text=message.get("content") or "", num_tokens=int(usage.get("completion_tokens") or 0),
+                          finish_reason=choice.get("finish_reason") or "unknown", usage=usage,
+                          reasoning=message.get("reasoning_content") or message.get("reasoning") or None)
 
     def scrub(self, text):
         """The API key out of any text we show or write (a server may echo it back)."""
