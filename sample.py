@@ -117,9 +117,9 @@ class Row:
     def __init__(self, index, request, prompt_len, opened=""):
         self.index, self.prompt_len, self.opened = index, prompt_len, opened
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
-        self.tokens = []          # generated ids, forced ones included
-        self.forced = []          # ids to emit next instead of sampling (budget forcing)
-        self.thinking = True      # until "</think>" appears; budgets count the tokens before it
+        # the generated ids (forced ones included); ids to emit next instead of sampling (budget forcing);
+        # True until "</think>" appears (budgets count the tokens before it)
+        self.tokens, self.forced, self.thinking = [], [], True
 
     @property
     def position(self):  # where the next token's key and value go in the cache
@@ -176,7 +176,7 @@ class LocalSampler:
         that finished, decode one token for the rest."""
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
-        groups = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
+        waiting = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
         for i, r in enumerate(requests):
             try:
                 ids, opened = self.prompt(r)
@@ -185,12 +185,11 @@ class LocalSampler:
                     raise
                 yield i, e
             else:
-                groups.setdefault(tuple(ids), []).append(Row(i, r, len(ids), opened))
-        if not groups:
+                waiting.setdefault(tuple(ids), []).append(Row(i, r, len(ids), opened))
+        if not waiting:
             return
-        max_len = min(self.model.config.max_position_embeddings, max(map(len, groups)) + params.max_new_tokens)
-        waiting = list(groups.items())
-        cache = self.cache(min(self.batch_size, sum(map(len, groups.values()))), max_len)  # fewer when memory is short
+        max_len = min(self.model.config.max_position_embeddings, max(map(len, waiting)) + params.max_new_tokens)
+        cache = self.cache(min(self.batch_size, sum(map(len, waiting.values()))), max_len)  # fewer if memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
             logits = self.admit(waiting, rows, cache, logits)
@@ -201,11 +200,11 @@ class LocalSampler:
         """Fill free rows with waiting prompts: each prompt runs once into a scratch cache, which is copied
         to its rows. -> logits (B, V)"""
         while waiting and len(rows) < cache.batch_size:
-            prompt, group = waiting[0]
+            prompt, group = next(iter(waiting.items()))  # the first waiting prompt
             take = group[:cache.batch_size - len(rows)]
             del group[:len(take)]
             if not group:
-                waiting.pop(0)
+                del waiting[prompt]
             scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
             ids, positions = torch.tensor([prompt, range(len(prompt))], device=self.device)[:, None]   # (1, P) each
             first = self.model(ids, cache=scratch, positions=positions)[0, -1].float()                 # (V,)
@@ -310,9 +309,6 @@ def free_memory(device):
 # The same generate/describe interface over any server that speaks the chat-completions protocol
 # (OpenAI, DeepSeek, vLLM, SGLang, llama.cpp). Standard library only: urllib + a thread pool.
 
-RETRY_STATUSES = {408, 409, 429}          # plus every 5xx
-
-
 class EndpointError(Exception):
     """A request that failed for good: a non-retryable status, or retries exhausted. status is the
     HTTP status (None for connection errors and timeouts, 200 for a malformed reply)."""
@@ -344,10 +340,9 @@ class EndpointSampler:
         self.template_kwargs = dict(chat_template_kwargs or {})
 
     def describe(self):
-        return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model,
-                "o_series": self.o_series, "concurrency": self.concurrency, "timeout": self.timeout,
-                "max_attempts": self.max_attempts, "api_key_env": self.api_key_env,
-                "chat_template_kwargs": self.template_kwargs}
+        return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model, "o_series": self.o_series,
+                "concurrency": self.concurrency, "timeout": self.timeout, "max_attempts": self.max_attempts,
+                "api_key_env": self.api_key_env, "chat_template_kwargs": self.template_kwargs}
 
     def generate(self, requests, params, on_token=None, errors="raise"):
         """The sampling contract (LocalSampler.generate's): yield (index, Completion) as each request
@@ -365,8 +360,7 @@ class EndpointSampler:
                     pending[pool.submit(self._complete, req, params)] = i
                 if not pending:
                     return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
+                for fut in wait(pending, return_when=FIRST_COMPLETED).done:
                     i = pending.pop(fut)
                     if errors == "yield" and isinstance(fut.exception(), EndpointError):
                         yield i, fut.exception()
@@ -397,7 +391,7 @@ class EndpointSampler:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
                 message, status, retry_after = self.scrub(_error_message(e)), e.code, _retry_after(e.headers)
-                if status not in RETRY_STATUSES and status < 500:
+                if status not in (408, 409, 429) and status < 500:  # those and every 5xx are retried
                     raise EndpointError(f"HTTP {status} from {self.url}: {message}", status, attempt) from None
                 error = f"HTTP {status}: {message}"
             except (OSError, http.client.HTTPException) as e:
@@ -446,12 +440,11 @@ def _error_message(e):
     """The server's own error text: {"error": {"message": ...}} in OpenAI's format, else the raw body."""
     try:
         raw = e.read().decode(errors="replace")
-    except OSError:
-        return e.reason or ""
-    try:
         err = json.loads(raw).get("error", raw)
         return err.get("message", str(err)) if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
+    except OSError:  # the body could not be read
+        return e.reason or ""
+    except (ValueError, AttributeError):  # not JSON, or not an object
         return raw[:500]
 
 
@@ -521,8 +514,7 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local models")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local models")
-    p.add_argument("--batch-size", type=number(1), default=64, help="rows decoded together (local models; "
-                   "fewer when their KV cache would not fit in memory)")
+    p.add_argument("--batch-size", type=number(1), default=64, help="rows decoded at once (fewer if memory is short)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
                    "shapes, a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
     p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON", help="chat template "
