@@ -162,8 +162,7 @@ class LocalSampler:
                        else (self.tok.encode(request.prompt), ""))
         if not ids:
             raise ValueError("empty prompt")
-        limit = self.model.config.max_position_embeddings
-        if len(ids) >= limit:
+        if len(ids) >= (limit := self.model.config.max_position_embeddings):
             raise PromptTooLong(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids, opened
 
@@ -218,33 +217,29 @@ class LocalSampler:
         to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking is what a row
         writes before its first "</think>" (prompts that open "<think>" count as such); a forced sequence
         runs to its end. Rows that finished leave (the last row moves into the freed slot): yields their
-        (index, Completion)."""
-        done = []
+        (index, Completion), from the last slot to the first."""
         sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
-        for slot, (row, t) in enumerate(zip(rows, sampled)):
+        for slot in reversed(range(len(rows))):  # from the end: the row that moves into a freed slot is done
+            row, t = rows[slot], sampled[slot]
             thinking = row.thinking and not row.forced
             if thinking and params.max_think_tokens is not None and len(row.tokens) >= params.max_think_tokens:
                 row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
-            elif (thinking and params.min_think_tokens is not None and len(row.tokens) < params.min_think_tokens
-                  and [t] == self.think_end):
+            elif thinking and [t] == self.think_end and len(row.tokens) < (params.min_think_tokens or 0):
                 row.forced = self.tok.encode("Wait")
             t = row.forced.pop(0) if row.forced else t
             row.tokens.append(t)
             if on_token:
                 on_token(row.index, t)
             row.thinking = row.thinking and row.tokens[-len(self.think_end):] != self.think_end
-            if t in self.stop_ids and not row.forced:
-                done.append((slot, "stop"))
-            elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
-                done.append((slot, "length"))
-        for slot, reason in reversed(done):  # from the end, so that the row moved in has been seen
-            row, last = rows[slot], rows.pop()
-            if slot < len(rows):
-                cache.copy_rows(len(rows), [slot], last.position)
-                rows[slot] = last
-            ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
-            yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
-                                        token_ids=row.tokens, opened=row.opened)
+            stop = t in self.stop_ids and not row.forced
+            if stop or len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
+                last = rows.pop()
+                if slot < len(rows):
+                    cache.copy_rows(len(rows), [slot], last.position)
+                    rows[slot] = last
+                ids = row.tokens[:-1] if stop else row.tokens  # the stop token is not text
+                yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), token_ids=row.tokens,
+                                            finish_reason="stop" if stop else "length", opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
@@ -285,9 +280,8 @@ class LocalSampler:
                   f"{free / 1e9:.1f} GB are free: decoding {fit} rows at a time", file=sys.stderr)
         if not self.compile:
             return KVCache(c, fit, max_len, self.device, self.dtype)
-        old = self.static_cache
-        if old is None or old.batch_size != fit or old.max_len < max_len:
-            old = self.static_cache = None  # free the old one first
+        if self.static_cache is None or self.static_cache.batch_size != fit or self.static_cache.max_len < max_len:
+            self.static_cache = None  # free the old one first
             self.static_cache = KVCache(c, fit, max_len, self.device, self.dtype)
             for buf in self.static_cache.k + self.static_cache.v:
                 torch._dynamo.mark_static_address(buf)
@@ -388,7 +382,7 @@ class EndpointSampler:
             try:
                 request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                    return self._parse(resp.read(), attempt)  # its EndpointError is not caught below
             except urllib.error.HTTPError as e:
                 message, status, retry_after = self.scrub(_error_message(e)), e.code, _retry_after(e.headers)
                 if status not in (408, 409, 429) and status < 500:  # those and every 5xx are retried
@@ -397,8 +391,6 @@ class EndpointSampler:
             except (OSError, http.client.HTTPException) as e:
                 # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
                 error, status, retry_after = self.scrub(f"{type(e).__name__}: {e}"), None, None
-            else:
-                return self._parse(raw, attempt)
             if attempt == self.max_attempts:
                 raise EndpointError(f"gave up after {attempt} attempts: {error}", status, attempt)
             time.sleep(retry_after if retry_after is not None else
@@ -428,8 +420,7 @@ def _fold_system(messages):
     """o-series reject system messages: prepend their text to the first user turn."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     rest = [m for m in messages if m["role"] != "system"]
-    user = next((m for m in rest if m["role"] == "user"), None)
-    if system and user:
+    if system and (user := next((m for m in rest if m["role"] == "user"), None)):
         user["content"] = f"{system}\n\n{user['content']}"
     elif system:
         rest.insert(0, {"role": "user", "content": system})
@@ -505,9 +496,8 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--top-p", type=number(0, 1, float, above=True), default=top_p, help="nucleus sampling mass")
     p.add_argument("--top-k", type=number(0), default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--min-p", type=number(0, 1, float), default=0.0, help="keep tokens >= min_p x the top probability")
-    names = ["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]
-    p.add_argument(*names, dest="max_new_tokens", metavar="N", type=number(1), default=max_new_tokens,
-                   help="completion length limit, reasoning included")
+    p.add_argument(*(["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]), dest="max_new_tokens",
+                   metavar="N", type=number(1), default=max_new_tokens, help="at most N tokens, reasoning included")
     p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + an answer cue after N "
                    "thinking tokens (local models)")
     p.add_argument("--min-think-tokens", type=number(0), help="replace an earlier '</think>' by 'Wait' (local models)")
