@@ -9,6 +9,7 @@ batch one token at a time into a preallocated KV cache, refill or drop finished 
 forcing); the endpoint client (same generate() over HTTP); the command line.
 """
 import http.client
+import inspect
 import json
 import os
 import random
@@ -19,13 +20,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 import model
-from model import ANSWER_CUE, KVCache, UserError, json_object
+from model import ANSWER_CUE, KVCache, UserError, json_object, number
 
 
 @dataclass
@@ -83,8 +85,8 @@ def sample_token(logits, params, generators):
     if params.temperature == 0:
         return logits.argmax(-1)
     cdf = filtered_probs(logits, params).double().cumsum(-1)                           # (B, V)
-    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators]).to(logits.device)  # (B,) in [0, 1)
-    # the first token whose cumulative mass exceeds u * total; a token of zero mass never qualifies
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators]).to(logits.device)  # (B,)
+    # the first token whose cumulative mass exceeds u * total (u in [0, 1)); a token of zero mass never qualifies
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -103,8 +105,7 @@ def filtered_probs(logits, params):
         sorted_p, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                # (B, k)
         outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p                         # mass before it already enough
         nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0))
-        flat = (sorted_p.sum(-1) < params.top_p).nonzero().flatten().tolist()           # rows whose nucleus is wider
-        for b in flat:
+        for b in (sorted_p.sum(-1) < params.top_p).nonzero().flatten().tolist():       # rows whose nucleus is wider
             p, idx = probs[b].sort(descending=True)                                     # (V,)
             nucleus[b] = torch.zeros_like(p).scatter(0, idx, p.masked_fill(p.cumsum(0) - p >= params.top_p, 0))
         probs = nucleus
@@ -116,9 +117,9 @@ class Row:
     def __init__(self, index, request, prompt_len, opened=""):
         self.index, self.prompt_len, self.opened = index, prompt_len, opened
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
-        self.tokens = []          # generated ids, forced ones included
-        self.forced = []          # ids to emit next instead of sampling (budget forcing)
-        self.thinking = True      # until "</think>" appears; budgets count the tokens before it
+        # the generated ids (forced ones included); ids to emit next instead of sampling (budget forcing);
+        # True until "</think>" appears (budgets count the tokens before it)
+        self.tokens, self.forced, self.thinking = [], [], True
 
     @property
     def position(self):  # where the next token's key and value go in the cache
@@ -131,20 +132,17 @@ class LocalSampler:
     requests; when none are left, the batch shrinks, so no compute goes to finished rows."""
 
     def __init__(self, model_dir, device="auto", dtype="auto", batch_size=64, compile=False, chat_template_kwargs=None):
-        from model import Tokenizer, load_model, pick_device, pick_dtype
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model_dir, self.batch_size = Path(model_dir), batch_size
-        self.model = load_model(model_dir, self.device, self.dtype).eval()
-        self.tok = Tokenizer(model_dir)
+        self.device = model.pick_device(device)
+        self.dtype = model.pick_dtype(dtype, self.device)
+        self.model_dir, self.batch_size, self.compile, self.static_cache = Path(model_dir), batch_size, compile, None
+        self.model = model.load_model(model_dir, self.device, self.dtype).eval()
+        self.tok = model.Tokenizer(model_dir)
         self.template_kwargs = dict(chat_template_kwargs or {})  # e.g. Qwen3's {"enable_thinking": false}
-        self.stop_ids = set(self.tok.stop_ids)
-        self.think_end = self.tok.encode("</think>")
+        self.stop_ids, self.think_end = set(self.tok.stop_ids), self.tok.encode("</think>")
         # --compile: one static-shape graph of the decode step; on CUDA replayed as a CUDA graph
         # ("reduce-overhead"), which removes the per-kernel launch cost that dominates small batches.
         mode = "reduce-overhead" if self.device.startswith("cuda") else None
         self.decode_step = torch.compile(self.model, dynamic=False, mode=mode) if compile else self.model
-        self.compile, self.static_cache = compile, None
 
     def describe(self):
         manifest = self.model_dir / "run.json"
@@ -164,8 +162,7 @@ class LocalSampler:
                        else (self.tok.encode(request.prompt), ""))
         if not ids:
             raise ValueError("empty prompt")
-        limit = self.model.config.max_position_embeddings
-        if len(ids) >= limit:
+        if len(ids) >= (limit := self.model.config.max_position_embeddings):
             raise PromptTooLong(f"prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids, opened
 
@@ -174,79 +171,80 @@ class LocalSampler:
         """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
         request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
         the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches.
-        Each round: admit waiting prompts into free rows, pick every row's next token, retire the rows
+        Each round: admit waiting prompts into free rows, pick every row's next token and retire the rows
         that finished, decode one token for the rest."""
-        requests = list(requests)
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
-        prompts, opened = {}, {}
+        waiting = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
         for i, r in enumerate(requests):
             try:
-                prompts[i], opened[i] = self.prompt(r)
+                ids, opened = self.prompt(r)
             except PromptTooLong as e:
                 if errors == "raise":
                     raise
                 yield i, e
-        if not prompts:
+            else:
+                waiting.setdefault(tuple(ids), []).append(Row(i, r, len(ids), opened))
+        if not waiting:
             return
-        limit = self.model.config.max_position_embeddings
-        max_len = min(limit, max(map(len, prompts.values())) + params.max_new_tokens)
-        groups = {}  # identical prompts prefill once
-        for i, p in prompts.items():
-            groups.setdefault(tuple(p), []).append(i)
-        waiting = [(prompt, [Row(i, requests[i], len(prompt), opened[i]) for i in indices])
-                   for prompt, indices in groups.items()]
-        cache = self.cache(min(self.batch_size, len(prompts)), max_len)  # fewer rows when memory is short
+        max_len = min(self.model.config.max_position_embeddings, max(map(len, waiting)) + params.max_new_tokens)
+        cache = self.cache(min(self.batch_size, sum(map(len, waiting.values()))), max_len)  # fewer if memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
             logits = self.admit(waiting, rows, cache, logits)
-            for slot, reason in reversed(self.step(rows, logits, params, max_len, on_token)):
-                yield self.retire(rows, slot, reason, cache)
-            logits = self.decode(rows, cache)
+            yield from self.step(rows, logits, params, max_len, on_token, cache)
+            logits = self.decode(rows, cache) if rows else logits[:0]  # (B, V); (0, V) once every row finished
 
     def admit(self, waiting, rows, cache, logits):
-        """Fill free rows with waiting prompts: one prefill each, copied to its rows. -> logits (B, V)"""
+        """Fill free rows with waiting prompts: each prompt runs once into a scratch cache, which is copied
+        to its rows. -> logits (B, V)"""
         while waiting and len(rows) < cache.batch_size:
-            prompt, new = waiting[0]
-            take, waiting[0] = new[:cache.batch_size - len(rows)], (prompt, new[cache.batch_size - len(rows):])
-            if not waiting[0][1]:
-                waiting.pop(0)
-            first = self.prefill(list(prompt), cache, len(rows), len(take))   # (V,)
+            prompt, group = next(iter(waiting.items()))  # the first waiting prompt
+            take = group[:cache.batch_size - len(rows)]
+            del group[:len(take)]
+            if not group:
+                del waiting[prompt]
+            scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
+            ids, positions = torch.tensor([prompt, range(len(prompt))], device=self.device)[:, None]   # (1, P) each
+            first = self.model(ids, cache=scratch, positions=positions)[0, -1].float()                 # (V,)
+            cache.write(slice(len(rows), len(rows) + len(take)), scratch)
             rows += take
             logits = torch.cat([logits, first.expand(len(take), -1)])
         return logits
 
-    def step(self, rows, logits, params, max_len, on_token):
-        """Every row's next token. -> [(slot, finish reason)] of the rows that finished."""
-        done = []
-        for slot, (row, t) in enumerate(zip(rows, self.choose(rows, logits, params))):
+    def step(self, rows, logits, params, max_len, on_token, cache):
+        """Every row's next token: sampled, then budget forcing (s1): past max_think_tokens the row is made
+        to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking is what a row
+        writes before its first "</think>" (prompts that open "<think>" count as such); a forced sequence
+        runs to its end. Rows that finished leave (the last row moves into the freed slot): yields their
+        (index, Completion), from the last slot to the first."""
+        sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
+        for slot in reversed(range(len(rows))):  # from the end: the row that moves into a freed slot is done
+            row, t = rows[slot], sampled[slot]
+            thinking = row.thinking and not row.forced
+            if thinking and params.max_think_tokens is not None and len(row.tokens) >= params.max_think_tokens:
+                row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
+            elif thinking and [t] == self.think_end and len(row.tokens) < (params.min_think_tokens or 0):
+                row.forced = self.tok.encode("Wait")
+            t = row.forced.pop(0) if row.forced else t
             row.tokens.append(t)
             if on_token:
                 on_token(row.index, t)
-            if row.thinking and row.tokens[-len(self.think_end):] == self.think_end:
-                row.thinking = False
-            if t in self.stop_ids and not row.forced:
-                done.append((slot, "stop"))
-            elif len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
-                done.append((slot, "length"))
-        return done
-
-    def retire(self, rows, slot, reason, cache):
-        """A finished row leaves; the last row moves into its place. -> (index, Completion)"""
-        row, last = rows[slot], len(rows) - 1
-        if slot != last:
-            cache.copy_rows(last, [slot], rows[last].position)
-            rows[slot] = rows[last]
-        rows.pop()
-        return row.index, self.completion(row, reason)
+            row.thinking = row.thinking and row.tokens[-len(self.think_end):] != self.think_end
+            stop = t in self.stop_ids and not row.forced
+            if stop or len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
+                last = rows.pop()
+                if slot < len(rows):
+                    cache.copy_rows(len(rows), [slot], last.position)
+                    rows[slot] = last
+                ids = row.tokens[:-1] if stop else row.tokens  # the stop token is not text
+                yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), token_ids=row.tokens,
+                                            finish_reason="stop" if stop else "length", opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
-        if not rows:
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
         B = cache.batch_size
-        ids = [r.tokens[-1] for r in rows]
-        positions = [r.position - 1 for r in rows]
+        ids, positions = [r.tokens[-1] for r in rows], [r.position - 1 for r in rows]
         if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
             ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
             cache.rows, cache.length = B, None
@@ -259,28 +257,16 @@ class LocalSampler:
         return logits.clone() if self.compile else logits  # a CUDA graph's output is overwritten by its next replay
 
     def cache(self, B, max_len):
-        """A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
+        """A cache of at most B rows, as many as fit in 80% of the free memory at max_len positions each.
+        The cache is allocated whole, up front: 64 samples of SmolLM2-135M at its 8,192-token context
+        take 24 GB. Fewer rows at a time give the same completions (each row has its own seed), only
+        later; say so, and refuse when not even one row fits.
+        A fresh cache, or under --compile one static cache kept across calls: a new shape or a new
         buffer address would mean a new graph. Its length is rounded up to a power of two so that
         calls of similar length share one graph (stale entries past a row's position are masked)."""
-        if self.compile:
-            max_len = min(self.model.config.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
-        B = self.rows_that_fit(B, max_len)
-        if not self.compile:
-            return KVCache(self.model.config, B, max_len, self.device, self.dtype)
-        c = self.static_cache
-        if c is None or c.batch_size != B or c.max_len < max_len:
-            c = self.static_cache = None  # free the old one first
-            c = self.static_cache = KVCache(self.model.config, B, max_len, self.device, self.dtype)
-            for buf in c.k + c.v:
-                torch._dynamo.mark_static_address(buf)
-        return c
-
-    def rows_that_fit(self, B, max_len):
-        """At most B rows, as many as a cache of max_len positions per row fits in 80% of the free
-        memory. The cache is allocated whole, up front: 64 samples of SmolLM2-135M at its 8,192-token
-        context take 24 GB. Fewer rows at a time give the same completions (each row has its own seed),
-        only later; say so, and refuse when not even one row fits."""
         c = self.model.config
+        if self.compile:
+            max_len = min(c.max_position_embeddings, 1 << max(8, (max_len - 1).bit_length()))
         per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * max_len * c.head_dim * self.dtype.itemsize
         free = free_memory(self.device)
         if self.static_cache is not None:  # about to be replaced: its memory counts as free
@@ -292,40 +278,14 @@ class LocalSampler:
         if fit < B:
             print(f"sample.py: a KV cache of {B} rows x {max_len} positions would take {B * per_row / 1e9:.1f} GB, "
                   f"{free / 1e9:.1f} GB are free: decoding {fit} rows at a time", file=sys.stderr)
-        return fit
-
-    def prefill(self, prompt, cache, slot, n):
-        """Run the prompt once into a scratch cache, copy it to rows slot..slot+n-1. -> logits (V,)"""
-        scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
-        ids = torch.tensor([prompt], device=self.device)                                 # (1, P)
-        logits = self.model(ids, cache=scratch, positions=torch.arange(len(prompt), device=self.device)[None])
-        cache.write(slice(slot, slot + n), scratch)
-        return logits[0, -1].float()
-
-    def choose(self, rows, logits, params):
-        """Sample one token per row, then apply budget forcing (s1): past max_think_tokens the row
-        is made to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking
-        is what a row writes before its first "</think>" (prompts that open "<think>" count as such)."""
-        sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
-        out = []
-        for row, t in zip(rows, sampled):
-            n_think = len(row.tokens)
-            if row.forced:
-                t = row.forced.pop(0)
-            elif row.thinking and params.max_think_tokens is not None and n_think >= params.max_think_tokens:
-                row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
-                t = row.forced.pop(0)
-            elif (row.thinking and params.min_think_tokens is not None and n_think < params.min_think_tokens
-                  and [t] == self.think_end):
-                row.forced = self.tok.encode("Wait")
-                t = row.forced.pop(0)
-            out.append(t)
-        return out
-
-    def completion(self, row, reason):
-        ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
-        return Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
-                          token_ids=row.tokens, opened=row.opened)
+        if not self.compile:
+            return KVCache(c, fit, max_len, self.device, self.dtype)
+        if self.static_cache is None or self.static_cache.batch_size != fit or self.static_cache.max_len < max_len:
+            self.static_cache = None  # free the old one first
+            self.static_cache = KVCache(c, fit, max_len, self.device, self.dtype)
+            for buf in self.static_cache.k + self.static_cache.v:
+                torch._dynamo.mark_static_address(buf)
+        return self.static_cache
 
 
 def free_memory(device):
@@ -343,24 +303,13 @@ def free_memory(device):
 # The same generate/describe interface over any server that speaks the chat-completions protocol
 # (OpenAI, DeepSeek, vLLM, SGLang, llama.cpp). Standard library only: urllib + a thread pool.
 
-RETRY_STATUSES = {408, 409, 429}          # plus every 5xx
-
-
 class EndpointError(Exception):
-    """A request that failed for good: a non-retryable status, or retries exhausted.
-    status is the HTTP status (None for connection errors / timeouts / a malformed reply)."""
+    """A request that failed for good: a non-retryable status, or retries exhausted. status is the
+    HTTP status (None for connection errors and timeouts, 200 for a malformed reply)."""
 
     def __init__(self, message, status=None, attempts=1):
         super().__init__(message)
         self.status, self.message, self.attempts = status, message, attempts
-
-
-class _Retry(Exception):
-    """One attempt failed in a way worth retrying; delay is the server's Retry-After, if any."""
-
-    def __init__(self, message, status=None, delay=None):
-        super().__init__(message)
-        self.status, self.delay = status, delay
 
 
 class EndpointSampler:
@@ -378,19 +327,16 @@ class EndpointSampler:
     def __init__(self, base_url, api_model, concurrency=8, api_key_env="OPENAI_API_KEY", timeout=600.0,
                  max_attempts=6, backoff=1.0, max_backoff=60.0, o_series=None, chat_template_kwargs=None):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.base_url, self.api_model = base_url, api_model
-        self.concurrency, self.timeout = concurrency, timeout
+        self.base_url, self.api_model, self.concurrency, self.timeout = base_url, api_model, concurrency, timeout
         self.max_attempts, self.backoff, self.max_backoff = max_attempts, backoff, max_backoff
         self.o_series = api_model.startswith(("o1", "o3", "o4")) if o_series is None else o_series
-        self.api_key_env = api_key_env
-        self._key = os.environ.get(api_key_env) or None
+        self.api_key_env, self._key = api_key_env, os.environ.get(api_key_env) or None
         self.template_kwargs = dict(chat_template_kwargs or {})
 
     def describe(self):
-        return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model,
-                "o_series": self.o_series, "concurrency": self.concurrency, "timeout": self.timeout,
-                "max_attempts": self.max_attempts, "api_key_env": self.api_key_env,
-                "chat_template_kwargs": self.template_kwargs}
+        return {"kind": "endpoint", "base_url": self.base_url, "api_model": self.api_model, "o_series": self.o_series,
+                "concurrency": self.concurrency, "timeout": self.timeout, "max_attempts": self.max_attempts,
+                "api_key_env": self.api_key_env, "chat_template_kwargs": self.template_kwargs}
 
     def generate(self, requests, params, on_token=None, errors="raise"):
         """The sampling contract (LocalSampler.generate's): yield (index, Completion) as each request
@@ -399,87 +345,71 @@ class EndpointSampler:
         `requests` is read lazily (see below), so a caller may stop producing them."""
         if params.max_think_tokens is not None or params.min_think_tokens is not None:
             raise ValueError("thinking budgets need token-level control: local models only")
-        todo = iter(enumerate(requests))
-        pool = ThreadPoolExecutor(self.concurrency)
-        pending = {}
+        todo, pool, pending = iter(enumerate(requests)), ThreadPoolExecutor(self.concurrency), {}
         try:
             while True:
                 # Submit lazily, never more than `concurrency` ahead: a caller that stops early
                 # (budget reached, Ctrl-C) leaves no queue of requests still to be paid for.
-                for i, req in todo:
+                for i, req in islice(todo, self.concurrency - len(pending)):
                     pending[pool.submit(self._complete, req, params)] = i
-                    if len(pending) >= self.concurrency:
-                        break
                 if not pending:
                     return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
+                for fut in wait(pending, return_when=FIRST_COMPLETED).done:
                     i = pending.pop(fut)
-                    try:
-                        yield i, fut.result()
-                    except EndpointError as e:
-                        if errors == "raise":
-                            raise
-                        yield i, e
+                    if errors == "yield" and isinstance(fut.exception(), EndpointError):
+                        yield i, fut.exception()
+                    else:
+                        yield i, fut.result()  # raises what the request raised
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _payload(self, req, params):
-        if req.messages is not None:
-            messages = [dict(m) for m in req.messages]
-        else:
-            messages = [{"role": "user", "content": req.prompt}]
-        body = {"model": self.api_model, "messages": messages, "seed": req.seed}
+        turns = [{"role": "user", "content": req.prompt}] if req.messages is None else [dict(m) for m in req.messages]
+        body = {"model": self.api_model, "messages": turns, "seed": req.seed}
         if self.o_series:
-            body["messages"] = _fold_system(messages)
-            body["max_completion_tokens"] = params.max_new_tokens
-            return body
-        body.update(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p)
-        if params.top_k > 0:                      # not OpenAI; vLLM / SGLang accept it as an extra field
-            body["top_k"] = params.top_k
-        if params.min_p > 0:
-            body["min_p"] = params.min_p
-        if self.template_kwargs:                  # vLLM / SGLang pass it to the model's chat template
-            body["chat_template_kwargs"] = self.template_kwargs
-        return body
+            return {**body, "messages": _fold_system(turns), "max_completion_tokens": params.max_new_tokens}
+        # not OpenAI's, sent only when set: vLLM / SGLang accept them (chat_template_kwargs: for the model's template)
+        extras = {"top_k": params.top_k, "min_p": params.min_p, "chat_template_kwargs": self.template_kwargs}
+        return {**body, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                **{k: v for k, v in extras.items() if v}}
 
     def _complete(self, req, params):
-        """One request with retries: exponential backoff with jitter, or the server's Retry-After."""
+        """One request with retries: connection errors, timeouts, 408/409/429 and 5xx are asked again after
+        exponential backoff with jitter, or after the server's Retry-After; other statuses fail at once."""
         payload = json.dumps(self._payload(req, params)).encode()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self._key}"} if self._key else {})
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return _parse(self._post(payload))
-            except _Retry as e:
-                if attempt == self.max_attempts:
-                    raise EndpointError(f"gave up after {attempt} attempts: {e}", e.status, attempt) from None
-                delay = e.delay if e.delay is not None else \
-                    min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-                time.sleep(delay)
-            except EndpointError as e:
-                e.attempts = attempt
-                raise
+                request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    return self._parse(resp.read(), attempt)  # its EndpointError is not caught below
+            except urllib.error.HTTPError as e:
+                message, status, retry_after = self.scrub(_error_message(e)), e.code, _retry_after(e.headers)
+                if status not in (408, 409, 429) and status < 500:  # those and every 5xx are retried
+                    raise EndpointError(f"HTTP {status} from {self.url}: {message}", status, attempt) from None
+                error = f"HTTP {status}: {message}"
+            except (OSError, http.client.HTTPException) as e:
+                # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
+                error, status, retry_after = self.scrub(f"{type(e).__name__}: {e}"), None, None
+            if attempt == self.max_attempts:
+                raise EndpointError(f"gave up after {attempt} attempts: {error}", status, attempt)
+            time.sleep(retry_after if retry_after is not None else
+                       min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
 
-    def _post(self, payload):
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+    def _parse(self, raw, attempt):
+        """A chat-completions reply -> Completion. Reasoning comes from reasoning_content (DeepSeek, vLLM)
+        or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            message = self.scrub(_error_message(e))
-            if e.code in RETRY_STATUSES or e.code >= 500:
-                raise _Retry(f"HTTP {e.code}: {message}", e.code, _retry_after(e.headers)) from None
-            raise EndpointError(f"HTTP {e.code} from {self.url}: {message}", e.code) from None
-        except (OSError, http.client.HTTPException) as e:
-            # connection refused / reset / dropped, timeouts (socket.timeout is an OSError), short reads
-            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise EndpointError(f"malformed JSON from {self.url}: {self.scrub(raw[:200].decode(errors='replace'))}",
-                                200) from None
+            reply = json.loads(raw)
+            choice = reply["choices"][0]
+            message = choice["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError(f"malformed reply from {self.url} (no JSON with choices[0].message): "
+                                f"{self.scrub(raw[:200].decode(errors='replace'))}", 200, attempt) from None
+        usage = reply.get("usage") or {}
+        return Completion(text=message.get("content") or "", num_tokens=int(usage.get("completion_tokens") or 0),
+                          finish_reason=choice.get("finish_reason") or "unknown", usage=usage,
+                          reasoning=message.get("reasoning_content") or message.get("reasoning") or None)
 
     def scrub(self, text):
         """The API key out of any text we show or write (a server may echo it back)."""
@@ -490,42 +420,22 @@ def _fold_system(messages):
     """o-series reject system messages: prepend their text to the first user turn."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     rest = [m for m in messages if m["role"] != "system"]
-    if system:
-        for m in rest:
-            if m["role"] == "user":
-                m["content"] = f"{system}\n\n{m['content']}"
-                break
-        else:
-            rest.insert(0, {"role": "user", "content": system})
+    if system and (user := next((m for m in rest if m["role"] == "user"), None)):
+        user["content"] = f"{system}\n\n{user['content']}"
+    elif system:
+        rest.insert(0, {"role": "user", "content": system})
     return rest
-
-
-def _parse(reply):
-    """A chat-completions reply -> Completion. Reasoning comes from reasoning_content (DeepSeek, vLLM)
-    or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
-    try:
-        choice = reply["choices"][0]
-        message = choice["message"]
-    except (KeyError, IndexError, TypeError):
-        raise EndpointError(f"reply without choices[0].message: {str(reply)[:200]}", 200) from None
-    usage = reply.get("usage") or {}
-    return Completion(text=message.get("content") or "",
-                      num_tokens=int(usage.get("completion_tokens") or 0),
-                      finish_reason=choice.get("finish_reason") or "unknown",
-                      reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
-                      usage=usage)
 
 
 def _error_message(e):
     """The server's own error text: {"error": {"message": ...}} in OpenAI's format, else the raw body."""
     try:
         raw = e.read().decode(errors="replace")
-    except OSError:
-        return e.reason or ""
-    try:
         err = json.loads(raw).get("error", raw)
         return err.get("message", str(err)) if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
+    except OSError:  # the body could not be read
+        return e.reason or ""
+    except (ValueError, AttributeError):  # not JSON, or not an object
         return raw[:500]
 
 
@@ -546,26 +456,22 @@ def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype
     rather than after minutes of retries. api_key_env None: $OPENAI_API_KEY if set, else no key."""
     if (model is None) == (base_url is None):
         raise ValueError("give exactly one of a model folder (--model) or an endpoint (--base-url)")
-    if base_url is not None:
-        if not api_model:
-            raise ValueError("--base-url needs --api-model (the model name the server expects)")
-        if api_key_env is not None and not os.environ.get(api_key_env):
-            raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
-        check_reachable(base_url)
-        return EndpointSampler(base_url, api_model, concurrency=concurrency, timeout=timeout,
-                               api_key_env=api_key_env or "OPENAI_API_KEY", chat_template_kwargs=chat_template_kwargs)
-    return LocalSampler(model, device=device, dtype=dtype, batch_size=batch_size, compile=compile,
-                        chat_template_kwargs=chat_template_kwargs)
-
-
-SAMPLER_FLAGS = ("model", "base_url", "api_model", "device", "dtype", "batch_size", "concurrency", "api_key_env",
-                 "timeout", "compile", "chat_template_kwargs")
+    if model is not None:
+        return LocalSampler(model, device, dtype, batch_size, compile, chat_template_kwargs)
+    if not api_model:
+        raise ValueError("--base-url needs --api-model (the model name the server expects)")
+    if api_key_env is not None and not os.environ.get(api_key_env):
+        raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
+    check_reachable(base_url)
+    return EndpointSampler(base_url, api_model, concurrency=concurrency, timeout=timeout,
+                           api_key_env=api_key_env or "OPENAI_API_KEY", chat_template_kwargs=chat_template_kwargs)
 
 
 def sampler_from_args(args):
-    """make_sampler with the flags of add_sampling_args (and --model), as sample, eval_aime and distill parse them."""
+    """make_sampler with the flags of add_sampling_args (and --model), as sample, eval_aime and distill parse
+    them: make_sampler's parameters are named after those flags."""
     with model.user_errors():
-        return make_sampler(**{k: getattr(args, k) for k in SAMPLER_FLAGS})
+        return make_sampler(**{k: getattr(args, k) for k in inspect.signature(make_sampler).parameters})
 
 
 def check_reachable(base_url, timeout=10):
@@ -586,44 +492,35 @@ def check_reachable(base_url, timeout=10):
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeout=600.0, distill=False):
     """The flags every script that samples shares (sample.py, eval_aime.py, distill.py). distill.py names
     the model or URL --teacher (no --base-url) and the length limit --max-tokens (--max-new-tokens too)."""
-    p.add_argument("--temperature", type=model.number(0, kind=float), default=temperature,
-                   help="0 means greedy (ignored by o-series)")
-    p.add_argument("--top-p", type=model.number(0, 1, float, above=True), default=top_p,
-                   help="nucleus sampling mass (ignored by o-series)")
-    p.add_argument("--top-k", type=model.number(0), default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--min-p", type=model.number(0, 1, float), default=0.0,
-                   help="drop tokens below min_p x the top probability")
-    names = ["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]
-    p.add_argument(*names, dest="max_new_tokens", metavar="N", type=model.number(1), default=max_new_tokens,
-                   help="completion length limit, reasoning included")
-    p.add_argument("--max-think-tokens", type=model.number(0),
-                   help="force '</think>' + an answer cue after N thinking tokens (local models)")
-    p.add_argument("--min-think-tokens", type=model.number(0),
-                   help="replace an earlier '</think>' with 'Wait' (local models)")
+    p.add_argument("--temperature", type=number(0, kind=float), default=temperature, help="0 means greedy")
+    p.add_argument("--top-p", type=number(0, 1, float, above=True), default=top_p, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=number(0), default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=number(0, 1, float), default=0.0, help="keep tokens >= min_p x the top probability")
+    p.add_argument(*(["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]), dest="max_new_tokens",
+                   metavar="N", type=number(1), default=max_new_tokens, help="at most N tokens, reasoning included")
+    p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + an answer cue after N "
+                   "thinking tokens (local models)")
+    p.add_argument("--min-think-tokens", type=number(0), help="replace an earlier '</think>' by 'Wait' (local models)")
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local models")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="local models")
-    p.add_argument("--batch-size", type=model.number(1), default=64, help="rows decoded together (local models; "
-                   "fewer when their KV cache would not fit in memory)")
+    p.add_argument("--batch-size", type=number(1), default=64, help="rows decoded at once (fewer if memory is short)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (local models): static "
-                   "shapes, replayed as a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
-    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
-                   help="keywords for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3); sent to endpoints "
-                   "as chat_template_kwargs (vLLM, SGLang)")
+                   "shapes, a CUDA graph on GPU (11x eager at batch 1 on an H100); compiling takes a minute")
+    p.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON", help="chat template "
+                   "keywords, e.g. '{\"enable_thinking\": false}' (Qwen3); sent as chat_template_kwargs (vLLM, SGLang)")
     if not distill:
         p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... get o-series handling)")
-    p.add_argument("--api-key-env", help="environment variable holding the API key (default: OPENAI_API_KEY "
-                   "if it is set, else no key)")
-    p.add_argument("--concurrency", type=model.number(1), default=8, help="requests in flight (endpoints)")
-    p.add_argument("--timeout", type=model.number(0, kind=float, above=True), default=timeout,
+    p.add_argument("--api-model", help="model name at the endpoint (o1/o3/o4... are sent no temperature or top-p)")
+    p.add_argument("--api-key-env", help="variable holding the API key (default: OPENAI_API_KEY if set, else none)")
+    p.add_argument("--concurrency", type=number(1), default=8, help="requests in flight (endpoints)")
+    p.add_argument("--timeout", type=number(0, kind=float, above=True), default=timeout,
                    help="seconds per request (endpoints): a timed-out request is paid for and asked again")
 
 
 def sampling_params(args):
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, max_think_tokens=args.max_think_tokens,
-                          min_think_tokens=args.min_think_tokens)
+    """The SamplingParams of add_sampling_args' flags: its fields are named after them."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)})
 
 
 def main(argv=None):
@@ -631,37 +528,32 @@ def main(argv=None):
     p.add_argument("--model", help="model folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    p.add_argument("--num-samples", type=model.number(1), default=1, help="completions of the prompt")
+    p.add_argument("--num-samples", type=number(1), default=1, help="completions of the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     add_sampling_args(p)
     args = p.parse_args(argv)
     if not args.prompt.strip():
         p.error("--prompt is empty")
-    if args.model is None and args.base_url is None:
-        p.error("give --model DIR or --base-url URL --api-model NAME")
     sampler = sampler_from_args(args)
     chat = args.chat or args.base_url is not None
     # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs)
     requests = [Request.user(args.prompt, args.seed + j, raw=not chat) for j in range(args.num_samples)]
-    params = sampling_params(args)
     stream = not args.json and args.num_samples == 1 and args.temperature == 0 and args.base_url is None
-    shown = []
+    shown, printed = [], 0
     def on_token(i, t):  # print the text as it grows; decode the whole tail so multi-byte characters come out whole
-        if t in sampler.stop_ids:
-            return
-        shown.append(t)
-        text = sampler.tok.decode(shown)
-        if not text.endswith("\ufffd"):
-            print(text[on_token.printed:], end="", flush=True)
-            on_token.printed = len(text)
-    on_token.printed = 0
+        nonlocal printed
+        if t not in sampler.stop_ids:
+            shown.append(t)
+            text = sampler.tok.decode(shown)
+            if not text.endswith("\ufffd"):
+                print(text[printed:], end="", flush=True)
+                printed = len(text)
     started, tokens = time.perf_counter(), 0
-    try:
-        results = sampler.generate(requests, params, on_token=on_token if stream else None)
-        for i, c in results if stream else sorted(results, key=lambda r: r[0]):
+    try:  # (sorted: by index; the one streamed completion has printed its text by the time it comes out)
+        for i, c in sorted(sampler.generate(requests, sampling_params(args), on_token=on_token if stream else None)):
             tokens += c.num_tokens
             if args.json:
-                print(json.dumps({"index": i, "text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}))
+                print(json.dumps({"index": i, **{k: getattr(c, k) for k in ("text", "num_tokens", "finish_reason")}}))
             elif stream:
                 print()
             else:
