@@ -42,16 +42,7 @@ status is 0 when every planned answer is saved (or --max-total-tokens stopped th
 What it is not: a rate-limit scheduler (retries and Retry-After are sample.py's), or a cost estimator
 (--max-total-tokens counts tokens, whatever they cost).
 """
-import argparse
-import dataclasses
-import glob
-import hashlib
-import json
-import re
-import signal
-import sys
-import threading
-import time
+import argparse, dataclasses, glob, hashlib, json, re, signal, sys, threading, time
 from collections import Counter
 from pathlib import Path
 

@@ -20,21 +20,8 @@ Grading (check_answer, also what distill.py keeps traces by): the final answer i
 \\boxed{} after the reasoning; an integer gold answer is compared as an integer, any other by
 math-verify's equivalence. There is no "last number in the text" fallback.
 """
-import argparse
-import contextlib
-import dataclasses
-import functools
-import glob
-import hashlib
-import json
-import math
-import os
-import re
-import select
-import subprocess
-import sys
-import threading
-import time
+import argparse, contextlib, dataclasses, functools, glob, hashlib, json
+import math, os, re, select, subprocess, sys, threading, time
 from pathlib import Path
 
 import torch

@@ -8,17 +8,7 @@ Reading order: the request/completion types; the local sampler (prefill once per
 batch one token at a time into a preallocated KV cache, refill or drop finished rows, budget
 forcing); the endpoint client (same generate() over HTTP); the command line.
 """
-import http.client
-import inspect
-import json
-import os
-import random
-import socket
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
+import http.client, inspect, json, os, random, socket, sys, time, urllib.error, urllib.parse, urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from itertools import islice

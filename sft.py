@@ -35,14 +35,7 @@ data or starting weights that differ from the run's (run.json's "fingerprint" na
 
 What it is not: a trainer framework. No LoRA, no sequence parallelism, no tensor parallelism.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import resource
-import shutil
-import time
+import argparse, contextlib, json, math, os, resource, shutil, time
 from collections import Counter, namedtuple
 from pathlib import Path
 from typing import NamedTuple
