@@ -38,7 +38,6 @@ What it is not: a trainer framework. No LoRA, no sequence parallelism, no tensor
 import argparse, contextlib, json, math, os, resource, shutil, time
 from collections import Counter, namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,14 +66,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought (assistant-only loss).",
-                       formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Fine-tune a causal LM on JSONL chains of thought.", formatter_class=HelpFormatter)
     add = p.add_argument
     add("--data", required=True, help="training JSONL: trace rows {problem, thinking, solution}, "
         "{messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}")
     add("--model", default=str(DEFAULT_MODEL), help="HF model folder to start from (safetensors)")
-    add("--out", type=Path, default="runs/sft", help="output folder: the final model itself, plus step-<N>/ "
-        "checkpoints and metrics.jsonl")
+    add("--out", type=Path, default="runs/sft", help="the final model, its step-<N>/ checkpoints, metrics.jsonl")
     add("--epochs", type=number(1), default=1, help="passes over the data (ignored with --max-steps)")
     add("--max-steps", type=number(1), help="optimizer steps (overrides --epochs; data is reshuffled when it runs out)")
     add("--lr", type=number(0, kind=float, above=True), default=1e-5, help="peak learning rate")
@@ -84,11 +81,10 @@ def parse_args(argv=None):
     add("--weight-decay", type=number(0, kind=float), default=0.0, help="AdamW weight decay, on matrices only")
     add("--grad-clip", type=number(0, kind=float), default=1.0, help="clip the gradient norm to this (0: no clipping)")
     add("--batch-tokens", type=number(1), help="tokens per micro-batch (default: --max-len)")
-    add("--grad-accum", type=number(1), help="micro-batches per optimizer step, counted over all processes (default: "
-        "one per process); must be a multiple of the number of processes")
+    add("--grad-accum", type=number(1), help="micro-batches per step over all processes, a multiple of their number "
+        "(default: one per process)")
     add("--max-len", type=number(1), help="drop rows longer than this many tokens (default: max_position_embeddings)")
-    add("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack several rows into one micro-batch "
-        "(padding-free, attention per document); --no-pack: one row per micro-batch")
+    add("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack rows (else one per micro-batch)")
     add("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
     add("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
         help="keywords for the model's chat template, e.g. '{\"enable_thinking\": true}' (Qwen3)")
@@ -97,12 +93,10 @@ def parse_args(argv=None):
     add("--save-every", type=number(0), default=500, help="checkpoint every N steps (0: only the final model)")
     add("--keep-last", type=number(0), default=2, help="keep the newest N checkpoints (0: keep all)")
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    add("--grad-checkpointing", action="store_true",
-        help="recompute each block in the backward (activation memory of one block instead of all)")
+    add("--grad-checkpointing", action="store_true", help="recompute blocks in the backward (less memory)")
     add("--compile", action="store_true", help="torch.compile each block")
     add("--seed", type=int, default=0, help="seed of the data order")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
-        help="auto: cuda when torch sees a GPU (one per torchrun process), else cpu")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU, else cpu")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (autocast); weights "
         "and optimizer state stay float32. auto: bfloat16 on GPU, float32 on CPU")
     add("--chunk-size", type=number(1), help="rows (tokens) per chunk of the loss: a chunk's logits are chunk x vocab "
@@ -189,10 +183,9 @@ def to_messages(row):
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        if not isinstance(row["messages"], list) or not all(isinstance(m, dict) for m in row["messages"]):
             raise ValueError("'messages' must be a list of {role, content} objects")
-        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
     elif "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SPEAKERS for t in turns):
@@ -218,10 +211,8 @@ def tokenize(messages, tok, template_kwargs=None):
     return ids, labels
 
 
-class Example(NamedTuple):
-    ids: torch.Tensor      # (L,) int32
-    labels: torch.Tensor   # (L,) int32, IGNORE where nothing is learned
-
+class Example(namedtuple("Example", "ids labels")):
+    """A tokenized row: ids (L,) int32 and labels (L,) int32, IGNORE where nothing is learned."""
     @property
     def targets(self):
         return int((self.labels != IGNORE).sum())
@@ -262,14 +253,14 @@ def load_data(path, args, tok, say):
 
 def pack(lengths, order, budget, packing=True):
     """Rows in `order` -> micro-batches (lists of row indices) of at most `budget` tokens, filled in order."""
-    batches, current, used = [], [], 0
+    batches, used = [], 0
     for i in order:
-        if current and (not packing or used + lengths[i] > budget):
-            batches.append(current)
-            current, used = [], 0
-        current.append(int(i))
+        if not batches or not packing or used + lengths[i] > budget:  # start a new micro-batch
+            batches.append([])
+            used = 0
+        batches[-1].append(int(i))
         used += lengths[i]
-    return batches + [current] if current else batches
+    return batches
 
 
 def make_plan(lengths, args):
@@ -316,13 +307,10 @@ def lr_at(step, total, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class NonFiniteLoss(RuntimeError):
-    """A step's loss or gradient norm is not finite: the step stops before the update."""
-
-
 def train_step(lm, optimizer, batches, n_targets, procs, grad_clip):
     """One optimizer step over this rank's micro-batches. Returns the step's mean loss over all ranks
-    and the gradient norm (before clipping)."""
+    and the gradient norm (before clipping). A step whose loss or gradient norm is not finite is not
+    applied: the caller stops there."""
     loss_sum = torch.zeros((), device=procs.device)
     for batch in batches:
         loss = lm(**batch)  # summed over the micro-batch's target tokens
@@ -336,9 +324,8 @@ def train_step(lm, optimizer, batches, n_targets, procs, grad_clip):
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     loss, grad_norm = loss_sum.item() / n_targets, grad_norm.item()
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise NonFiniteLoss(f"loss {loss}, gradient norm {grad_norm}")
-    optimizer.step()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
@@ -404,18 +391,17 @@ def write_model(lm, folder, manifest, args, procs):
         save_model(model, folder, tokenizer_from=args.model, extra_files={"run.json": manifest})
 
 
-def save_checkpoint(lm, optimizer, out, trainer_state, manifest, args, procs):
+def save_checkpoint(lm, optimizer, out, state, manifest, args, procs):
     """<out>/step-<N>/: the HF folder + trainer_state.pt (the optimizer state gathered in full), written
     last so that its presence means complete. Then only the newest --keep-last are kept."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    step = trainer_state["step"]
-    folder = out / f"step-{step}"
-    write_model(lm, folder, {**manifest, "step": step, "metrics": trainer_state["last_metrics"]}, args, procs)
+    folder = out / f"step-{state['step']}"
+    write_model(lm, folder, {**manifest, "step": state["step"], "metrics": state["last_metrics"]}, args, procs)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optim_state = get_optimizer_state_dict(lm, optimizer, options=options)
+    optimizer_state = get_optimizer_state_dict(lm, optimizer, options=options)
     if procs.rank == 0:
         tmp = folder / f".trainer_state.pt.tmp-{os.getpid()}"
-        torch.save({**trainer_state, "optimizer": optim_state}, tmp)
+        torch.save({**state, "optimizer": optimizer_state}, tmp)
         os.replace(tmp, folder / "trainer_state.pt")
         for old in checkpoints(out)[:-args.keep_last] if args.keep_last > 0 else []:
             shutil.rmtree(old)
@@ -485,8 +471,7 @@ def claim(out):
     run of ours left behind."""
     run = out / "run.json"
     if any(out.iterdir()) and not (run.exists() and "fingerprint" in json.loads(run.read_text())):
-        raise UserError(f"--out {out} holds files that sft.py did not write (no run.json of an sft.py run): "
-                        "choose another --out")
+        raise UserError(f"--out {out} holds files that sft.py did not write (no sft.py run.json): choose another --out")
     remove_leftovers(out, *LEFTOVERS)
     for folder in out.glob("step-*"):
         if folder.is_dir() and not (folder / "trainer_state.pt").exists():
@@ -561,12 +546,10 @@ def train(args, procs, out):
         f"process(es), {procs.device}, {str(dtype).removeprefix('torch.')} compute")
 
     # where the run stands
-    manifest = {**run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
-                               inputs=[args.data] + ([args.eval_data] if args.eval_data else []), model_dir=args.model),
-                "fingerprint": fingerprint}
-    start, progress = 0, {"tokens": 0, "train_s": 0.0}
-    if ckpt is not None:
-        start, progress = restore(ckpt, optimizer, lm)
+    manifest = run_manifest({**vars(args), "world_size": procs.world, "data_counts": dict(counts)},
+                            [p for p in (args.data, args.eval_data) if p], args.model) | {"fingerprint": fingerprint}
+    start, progress = restore(ckpt, optimizer, lm) if ckpt else (0, {"tokens": 0, "train_s": 0.0})
+    if ckpt:
         manifest["resumed_from"] = str(ckpt)
         say(f"resumed from {ckpt} at step {start}")
     metrics_path = out / "metrics.jsonl"
@@ -589,11 +572,10 @@ def train(args, procs, out):
         batches = [collate(examples, rows, procs.device) for rows in my_share(micro, procs)]
         n_targets = sum(examples[i].targets for rows in micro for i in rows)  # every rank knows the whole plan
         t0 = time.perf_counter()
-        try:
-            loss, grad_norm = train_step(lm, optimizer, batches, n_targets, procs, args.grad_clip)
-        except NonFiniteLoss as e:
-            raise RuntimeError(f"step {step}: {e}; stopped before the update. The last good checkpoint is "
-                               f"{ckpt or 'none (no checkpoint was written)'}") from None
+        loss, grad_norm = train_step(lm, optimizer, batches, n_targets, procs, args.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise RuntimeError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopped before the update. "
+                               f"The last good checkpoint is {ckpt or 'none (no checkpoint was written)'}")
         if procs.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -608,9 +590,8 @@ def train(args, procs, out):
             bar.update(1)
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if args.save_every and step % args.save_every == 0 and step < total:
-            state = {"step": step, "epoch": epoch, "fingerprint": fingerprint, "progress": progress,
-                     "last_metrics": record}
-            ckpt = save_checkpoint(lm, optimizer, out, state, manifest, args, procs)
+            ckpt = save_checkpoint(lm, optimizer, out, {"step": step, "epoch": epoch, "fingerprint": fingerprint,
+                                   "progress": progress, "last_metrics": record}, manifest, args, procs)
     bar.close()
 
     # save
