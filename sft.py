@@ -81,8 +81,7 @@ def parse_args(argv=None):
     add("--weight-decay", type=number(0, kind=float), default=0.0, help="AdamW weight decay, on matrices only")
     add("--grad-clip", type=number(0, kind=float), default=1.0, help="clip the gradient norm to this (0: no clipping)")
     add("--batch-tokens", type=number(1), help="tokens per micro-batch (default: --max-len)")
-    add("--grad-accum", type=number(1), help="micro-batches per step over all processes, a multiple of their number "
-        "(default: one per process)")
+    add("--grad-accum", type=number(1), help="micro-batches per step, all processes together (default: 1 per process)")
     add("--max-len", type=number(1), help="drop rows longer than this many tokens (default: max_position_embeddings)")
     add("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack rows (else one per micro-batch)")
     add("--skip-bad", action="store_true", help="skip and count malformed rows instead of stopping")
