@@ -331,17 +331,19 @@ def run_config(args, params):
             "system": args.system}
 
 
-def check_config(out, config):
-    """Refuse to mix samples from a different configuration, or to touch a file that is not ours (no
-    sidecar). The sidecar itself is written once the sampler is up, so that a mistyped --model or a
-    missing GPU never blocks this --out."""
-    path = Path(f"{out}.config.json")
-    if path.exists():
-        model.refuse_changes(json.loads(path.read_text()), config, f"{out} holds samples from a different "
-                             f"configuration ({{}}). Use another --out, or delete {out}* to start over.")
-    elif any(p.exists() for p in record_files(out)):
-        raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
-                        f"Use another --out, or delete {out}.")
+def check_config(sidecar, config, outputs, unknown, key=None):
+    """The sidecar's content ({} when there is none), checked before any output is read or repaired: a
+    configuration other than the sidecar's (at `key` in it, else all of it) is refused, and so are outputs
+    without a sidecar (unknown: why they are not ours to touch). Also distill.py's. The sidecar itself is
+    written once the sampler is up, so that a mistyped --model or a missing GPU never blocks an --out."""
+    if sidecar.exists():
+        previous = json.loads(sidecar.read_text())
+        model.refuse_changes(previous.get(key, {}) if key else previous, config, f"{outputs[0]} was made with a "
+                             "different configuration ({}). Use another --out, or the same settings to resume.")
+        return previous
+    if found := [p for p in outputs if p.exists()]:
+        raise UserError(f"{found[0]} exists but {sidecar} does not: {unknown}. Use another --out.")
+    return {}
 
 
 def merge(out, done, problems):
@@ -494,7 +496,8 @@ def main(argv=None, sampler=None):
             if world == 1:
                 model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
                                                      for s in ("", ".config.json", ".summary.json")))
-            check_config(out, config)
+            check_config(Path(f"{out}.config.json"), config, record_files(out),
+                         "cannot tell how those samples were made")
             with model.user_errors():
                 done = load_records(out, own)
         mine = problems[rank::world]
