@@ -84,13 +84,12 @@ def load_references(paths):
     eval_aime.problem_rows reads them; answers may be anything (MATH-500's are LaTeX)."""
     owners, sizes, texts = {}, {}, {}
     for path in paths:
-        with model.user_errors(path):
-            for _, pid, text, _ in problem_rows(path):
-                where, words = f"{Path(path).name}:{pid}", normalize(text).split()
-                texts.setdefault(" ".join(words), where)
-                sizes[where] = len(ngrams(words))
-                for g in ngrams(words):
-                    owners.setdefault(g, set()).add(where)
+        for _, pid, text, _ in problem_rows(path):
+            where, words = f"{Path(path).name}:{pid}", normalize(text).split()
+            texts.setdefault(" ".join(words), where)
+            sizes[where] = len(ngrams(words))
+            for g in ngrams(words):
+                owners.setdefault(g, set()).add(where)
     return owners, sizes, texts
 
 
@@ -229,12 +228,12 @@ def run_config(args):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
+    ap.add_argument("--problems", required=True, type=data_path, help="JSONL {id, problem, answer}, or a bundled name")
     ap.add_argument("--teacher", required=True, help="an OpenAI-compatible URL (http(s)://.../v1) or a model folder")
     ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
     ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
-    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE", help="evaluation sets (files or bundled "
-                    "names: aime24 aime25 amc23 math500): a problem sharing a word 8-gram with one is not sent")
+    ap.add_argument("--decontaminate", nargs="+", default=[], type=data_path, metavar="FILE", help="evaluation sets "
+                    "(files or bundled names: aime24 math500 ...): a problem sharing a word 8-gram with one isn't sent")
     ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP, help="contamination: shared "
                     "8-grams must cover more than this fraction of the shorter problem's 8-grams (default 0: any)")
     ap.add_argument("--max-total-tokens", type=model.number(1), help="stop sending once the saved answers hold this "
@@ -335,7 +334,6 @@ def main(argv=None):
     """Run, print the report, write <out>.run.json; returns the summary."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.problems, args.decontaminate = data_path(args.problems), [data_path(d) for d in args.decontaminate]
     endpoint = args.teacher.startswith(("http://", "https://"))
     if endpoint and not args.api_model:
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
@@ -350,8 +348,7 @@ def main(argv=None):
 
 def run(args):
     """main() once --out is ours alone."""
-    with model.user_errors(args.problems):
-        problems = load_problems(args.problems)
+    problems = load_problems(args.problems)
     references = load_references(args.decontaminate)     # (none: nothing is contaminated)
     keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
