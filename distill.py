@@ -123,12 +123,11 @@ def screen(problems, references, min_overlap, keep_all):
     A contaminated problem is sent only with keep_all."""
     keep, duplicates, contaminated, seen = [], [], [], {}
     for p in problems:
-        first = seen.setdefault(normalize(p["problem"]), p["id"])   # the first problem with this text (ids are unique)
-        if first != p["id"]:
+        # first: the first problem with this text (ids are unique)
+        if (first := seen.setdefault(normalize(p["problem"]), p["id"])) != p["id"]:
             duplicates.append({"id": p["id"], "duplicate_of": first})
             continue
-        hit = contamination(p["problem"], references, min_overlap)
-        if hit:
+        if hit := contamination(p["problem"], references, min_overlap):
             contaminated.append({"id": p["id"], **hit})
         if keep_all or not hit:
             keep.append({**p, "contaminated": hit and hit["matches"]})

@@ -97,11 +97,11 @@ def check_answer(text, gold):
 # math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
 # signal.alarm, which works only in a main thread and cannot stop a loop inside C code (a huge power,
 # a factorial); a child that overruns GRADE_TIMEOUT or dies is killed instead, and the answer counts
-# as wrong: odd LaTeX can cost a sample, never the run. It reads [gold, answer] lines, writes true/false.
+# as wrong: odd LaTeX can cost a sample, never the run. It reads [gold, answer] lines, writes true/false
+# (and math-verify's log goes to its stderr: /dev/null).
 GRADE_TIMEOUT = 10.0
 _GRADER = r'''
-import json, logging, sys
-logging.disable(logging.CRITICAL)
+import json, sys
 try:
     from math_verify import LatexExtractionConfig, parse, verify
 except ImportError as e:
