@@ -232,7 +232,7 @@ def build_parser():
     ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
     ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
     ap.add_argument("--decontaminate", nargs="+", default=[], type=data_path, metavar="FILE", help="evaluation sets "
-                    "(files or bundled names: aime24 math500 ...): a problem sharing a word 8-gram with one isn't sent")
+                    "(files or bundled names: aime24 math500 ...): no problem sharing a word 8-gram with one is sent")
     ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP, help="contamination: shared "
                     "8-grams must cover more than this fraction of the shorter problem's 8-grams (default 0: any)")
     ap.add_argument("--max-total-tokens", type=model.number(1), help="stop sending once the saved answers hold this "

@@ -449,7 +449,7 @@ def report(metrics, per_problem, stats, args):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--data", required=True, type=data_path, help="JSONL {id, problem, answer} or a bundled set's name")
+    ap.add_argument("--data", required=True, type=data_path, help="JSONL {id, problem, answer}, or a bundled name")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
