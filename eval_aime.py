@@ -379,8 +379,7 @@ def draw(sampler, todo, params, args, path, done, bar):
             continue
         r = {"id": p["id"], "sample": k, "seed": requests[i].seed, "gold": p["answer"],
              "extracted": final_answer(c.text, p["answer"]), "correct": check_answer(c.text, p["answer"]),
-             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-             "text": c.text, "reasoning": c.reasoning, "usage": c.usage}
+             **{f: getattr(c, f) for f in ("finish_reason", "num_tokens", "text", "reasoning", "usage")}}
         done[(p["id"], k)] = r
         if path:
             model.append_record(path, r)
