@@ -42,7 +42,7 @@ status is 0 when every planned answer is saved (or --max-total-tokens stopped th
 What it is not: a rate-limit scheduler (retries and Retry-After are sample.py's), or a cost estimator
 (--max-total-tokens counts tokens, whatever they cost).
 """
-import argparse, dataclasses, glob, hashlib, json, re, signal, sys, threading, time
+import argparse, dataclasses, glob, hashlib, re, signal, sys, threading, time
 from collections import Counter
 from pathlib import Path
 
@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 import model
 import sample
-from eval_aime import check_answer, data_path, final_answer, load_problems, problem_rows, sample_seed
-from model import PROMPT_SUFFIX, UserError, user_prompt
+from eval_aime import check_answer, check_config, data_path, final_answer, load_problems, problem_rows, sample_seed
+from model import PROMPT_SUFFIX, user_prompt
 from sample import Completion, EndpointError, PromptTooLong, Request
 
 NGRAM = 8        # contamination is measured in word 8-grams shared with an evaluation problem ...
@@ -84,13 +84,12 @@ def load_references(paths):
     eval_aime.problem_rows reads them; answers may be anything (MATH-500's are LaTeX)."""
     owners, sizes, texts = {}, {}, {}
     for path in paths:
-        with model.user_errors(path):
-            for _, pid, text, _ in problem_rows(path):
-                where, words = f"{Path(path).name}:{pid}", normalize(text).split()
-                texts.setdefault(" ".join(words), where)
-                sizes[where] = len(ngrams(words))
-                for g in ngrams(words):
-                    owners.setdefault(g, set()).add(where)
+        for _, pid, text, _ in problem_rows(path):
+            where, words = f"{Path(path).name}:{pid}", normalize(text).split()
+            texts.setdefault(" ".join(words), where)
+            sizes[where] = len(ngrams(words))
+            for g in ngrams(words):
+                owners.setdefault(g, set()).add(where)
     return owners, sizes, texts
 
 
@@ -124,12 +123,11 @@ def screen(problems, references, min_overlap, keep_all):
     A contaminated problem is sent only with keep_all."""
     keep, duplicates, contaminated, seen = [], [], [], {}
     for p in problems:
-        first = seen.setdefault(normalize(p["problem"]), p["id"])   # the first problem with this text (ids are unique)
-        if first != p["id"]:
+        # first: the first problem with this text (ids are unique)
+        if (first := seen.setdefault(normalize(p["problem"]), p["id"])) != p["id"]:
             duplicates.append({"id": p["id"], "duplicate_of": first})
             continue
-        hit = contamination(p["problem"], references, min_overlap)
-        if hit:
+        if hit := contamination(p["problem"], references, min_overlap):
             contaminated.append({"id": p["id"], **hit})
         if keep_all or not hit:
             keep.append({**p, "contaminated": hit and hit["matches"]})
@@ -183,14 +181,28 @@ def make_record(p, k, seed, c, params, teacher, plain_ok=False):
 
 # ---- files: append-only, one line per answer (model.append_record) ----
 
-def read_all(files, max_tokens):
-    """(every answer saved in <out> and the rejected file, the ids of those that count as done, the ids
-    of the errors filed), torn last lines cut off first (check_config has made sure the files are ours).
-    An answer counts as done unless it was cut at a smaller --max-tokens than this run's."""
+def tally(files, planned, max_tokens):
+    """Read <out>, the rejected and the errors files, torn last lines cut off first (check_config has
+    made sure they are ours) -> (counts, the ids of the planned samples still to ask for, the ids of the
+    errors filed). A sample is done once an answer to it is saved, unless that answer was cut at a
+    smaller --max-tokens than this run's. counts: the answers that count now (the latest per id, of the
+    samples planned), and the tokens paid for every answer saved on this --out (what --max-total-tokens
+    limits). The latest: when a truncated answer was asked again with a larger --max-tokens, the answer
+    at the larger budget counts (the older one stays in its file, flagged truncated)."""
     with model.user_errors():
-        rows = [r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)]
-        done = {r["id"] for r in rows if not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)}
-        return rows, done, {e["id"] for e in model.read_records(files["errors"], repair=True)}
+        records = [r for k in ("out", "rejected") for r in model.read_records(files[k], repair=True)]
+        failed = {e["id"] for e in model.read_records(files["errors"], repair=True)}
+    ids, latest = {sample_id(p["problem"], k) for p, k in planned}, {}
+    done = {r["id"] for r in records if not ("truncated" in r["flags"] and r["sampling"]["max_tokens"] < max_tokens)}
+    for r in sorted(records, key=lambda r: -r["sampling"]["max_tokens"]):   # stable: of equal ones, the first
+        latest.setdefault(r["id"], r)
+    rows = [r for i, r in latest.items() if i in ids]
+    counts = {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
+              "rejected": sum(not r["accepted"] for r in rows), "tokens_paid": sum(r["num_tokens"] for r in records),
+              "flags": {f: sum(f in r["flags"] for r in rows) for f in FILTERS},
+              "reasoning_tokens": sum(r.get("reasoning_tokens") or 0 for r in records),
+              "reasoning_hidden": sum(not r["reasoning_visible"] and bool(r.get("reasoning_tokens")) for r in rows)}
+    return counts, ids - done, failed
 
 
 def run_config(args):
@@ -210,31 +222,17 @@ def run_config(args):
             **{k: getattr(args, k) for k in ("max_think_tokens", "min_think_tokens") if getattr(args, k) is not None}}
 
 
-def check_config(files, config):
-    """The previous run.json, or {} for a new --out. Refused before any file is read or repaired: an
-    --out made with another configuration, and files without a run.json (not ours to touch)."""
-    if files["run"].exists():
-        previous = json.loads(files["run"].read_text())
-        model.refuse_changes(previous.get("config", {}), config, f"{files['run']} was made with a different "
-                             "configuration ({}). Use another --out, or the same settings to resume.")
-        return previous
-    if found := [files[k] for k in ("out", "rejected", "errors") if files[k].exists()]:
-        raise UserError(f"{found[0]} exists but {files['run']} does not: it is not a distill.py output. "
-                        "Use another --out.")
-    return {}
-
-
 # ---- the run ----
 
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--problems", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
+    ap.add_argument("--problems", required=True, type=data_path, help="JSONL {id, problem, answer}, or a bundled name")
     ap.add_argument("--teacher", required=True, help="an OpenAI-compatible URL (http(s)://.../v1) or a model folder")
     ap.add_argument("--out", required=True, help="accepted traces; also <out>.rejected.jsonl, .errors.jsonl, .run.json")
     ap.add_argument("--samples-per-problem", type=model.number(1), default=1, help="answers per problem (default 1)")
-    ap.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE", help="evaluation sets (files or bundled "
-                    "names: aime24 aime25 amc23 math500): a problem sharing a word 8-gram with one is not sent")
+    ap.add_argument("--decontaminate", nargs="+", default=[], type=data_path, metavar="FILE", help="evaluation sets "
+                    "(files or bundled names: aime24 math500 ...): no problem sharing a word 8-gram with one is sent")
     ap.add_argument("--min-overlap", type=model.number(0, 1, float), default=MIN_OVERLAP, help="contamination: shared "
                     "8-grams must cover more than this fraction of the shorter problem's 8-grams (default 0: any)")
     ap.add_argument("--max-total-tokens", type=model.number(1), help="stop sending once the saved answers hold this "
@@ -266,7 +264,7 @@ class Stop:
 
 def distill(sampler, todo, params, args, files, old, planned, budget_left):
     """Ask the teacher for every (problem, k) in todo; write each answer as it arrives. old: the counts
-    of the answers saved before this run (see counts); planned: how many answers the run plans in all."""
+    of the answers saved before this run (see tally); planned: how many answers the run plans in all."""
     stop, endpoint, new = Stop(), args.base_url is not None, Counter()
     teacher = {k: v for k, v in sampler.describe().items() if k != "manifest"}
     # an endpoint's answers in flight are paid for: worth the wait (and signals reach only the main thread)
@@ -308,22 +306,6 @@ def distill(sampler, todo, params, args, files, old, planned, budget_left):
     return new, stop.reason
 
 
-def counts(records, planned):
-    """Answers that count now (the latest per id, of the samples planned), and the tokens paid for
-    every answer saved on this --out (what --max-total-tokens limits). The latest: when a truncated
-    answer was asked again with a larger --max-tokens, the answer at the larger budget counts (the
-    older one stays in its file, flagged truncated)."""
-    ids, latest = {sample_id(p["problem"], k) for p, k in planned}, {}
-    for r in sorted(records, key=lambda r: -r["sampling"]["max_tokens"]):   # stable: of equal ones, the first
-        latest.setdefault(r["id"], r)
-    rows = [r for i, r in latest.items() if i in ids]
-    return {"answers": len(rows), "accepted": sum(r["accepted"] for r in rows),
-            "rejected": sum(not r["accepted"] for r in rows), "tokens_paid": sum(r["num_tokens"] for r in records),
-            "flags": {f: sum(f in r["flags"] for r in rows) for f in FILTERS},
-            "reasoning_tokens": sum(r.get("reasoning_tokens") or 0 for r in records),
-            "reasoning_hidden": sum(not r["reasoning_visible"] and bool(r.get("reasoning_tokens")) for r in rows)}
-
-
 def report(summary, files):
     s, c, p, keep_all = summary, summary["counts"], summary["problems"], summary["config"]["keep_all"]
     print(f"\n{p['total']} problems in {p['file']}: {len(p['duplicates'])} duplicates and "
@@ -351,7 +333,6 @@ def main(argv=None):
     """Run, print the report, write <out>.run.json; returns the summary."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.problems, args.decontaminate = data_path(args.problems), [data_path(d) for d in args.decontaminate]
     endpoint = args.teacher.startswith(("http://", "https://"))
     if endpoint and not args.api_model:
         ap.error("an endpoint --teacher needs --api-model (the model name the server expects)")
@@ -366,8 +347,7 @@ def main(argv=None):
 
 def run(args):
     """main() once --out is ours alone."""
-    with model.user_errors(args.problems):
-        problems = load_problems(args.problems)
+    problems = load_problems(args.problems)
     references = load_references(args.decontaminate)     # (none: nothing is contaminated)
     keep, duplicates, contaminated = screen(problems, references, args.min_overlap, args.keep_all)
     planned = [(p, k) for p in keep for k in range(args.samples_per_problem)]
@@ -376,12 +356,12 @@ def run(args):
              (("out", ""), ("rejected", ".rejected.jsonl"), ("errors", ".errors.jsonl"), ("run", ".run.json"))}
     model.remove_leftovers(files["out"].parent, f".{glob.escape(files['run'].name)}.tmp-*")
     config = run_config(args)
-    previous = check_config(files, config)
-    records, done, _ = read_all(files, args.max_new_tokens)   # (also cuts a torn line off the errors file)
-    old = counts(records, planned)
+    previous = check_config(files["run"], config, [files[k] for k in ("out", "rejected", "errors")],
+                            "it is not a distill.py output", key="config")
+    old, missing, _ = tally(files, planned, args.max_new_tokens)   # (also cuts a torn line off the errors file)
     budget_left = args.max_total_tokens - old["tokens_paid"] if args.max_total_tokens else float("inf")
     new, stopped = Counter(), ("budget" if budget_left <= 0 else None)    # spent by the earlier runs
-    todo = [] if stopped else [(p, k) for p, k in planned if sample_id(p["problem"], k) not in done]
+    todo = [] if stopped else [(p, k) for p, k in planned if sample_id(p["problem"], k) in missing]
 
     params = sample.sampling_params(args)
     # a local teacher takes a while to load: only if needed
@@ -400,9 +380,8 @@ def run(args):
         with model.user_errors():                   # e.g. a folder without a chat template: one line
             new, stopped = distill(sampler, todo, params, args, files, old, len(planned), budget_left)
 
-    records, done, failed = read_all(files, args.max_new_tokens)
-    missing = {sample_id(p["problem"], k) for p, k in planned} - done
-    summary.update(counts=counts(records, planned), missing=len(missing), failing=len(missing & failed))
+    counts, missing, failed = tally(files, planned, args.max_new_tokens)
+    summary.update(counts=counts, missing=len(missing), failing=len(missing & failed))
     summary["this_run"] = {"new_answers": new["accepted"] + new["rejected"], "new_tokens": new["tokens"],
                            "errors": new["errors"], "no_usage": new["no_usage"], "stopped": stopped,
                            "seconds": round(time.time() - started, 3)}

@@ -78,16 +78,13 @@ def final_box(text):
 
 def extract_answer(text):
     """The integer in the last box after the reasoning, or None."""
-    box = final_box(text)
-    return None if box is None else parse_integer(box)
+    return None if (box := final_box(text)) is None else parse_integer(box)
 
 
 def final_answer(text, gold):
     """What a sample answered, in the form it is graded in: the integer when the gold answer is one,
     else the boxed LaTeX; None when there is no such answer."""
-    if gold_integer(gold) is not None:
-        return extract_answer(text)
-    return (final_box(text) or "").strip() or None
+    return extract_answer(text) if gold_integer(gold) is not None else (final_box(text) or "").strip() or None
 
 
 def check_answer(text, gold):
@@ -100,11 +97,11 @@ def check_answer(text, gold):
 # math-verify (what lighteval and open-r1 grade with) runs in a child process. Its own time limit is
 # signal.alarm, which works only in a main thread and cannot stop a loop inside C code (a huge power,
 # a factorial); a child that overruns GRADE_TIMEOUT or dies is killed instead, and the answer counts
-# as wrong: odd LaTeX can cost a sample, never the run. It reads [gold, answer] lines, writes true/false.
+# as wrong: odd LaTeX can cost a sample, never the run. It reads [gold, answer] lines, writes true/false
+# (and math-verify's log goes to its stderr: /dev/null).
 GRADE_TIMEOUT = 10.0
 _GRADER = r'''
-import json, logging, sys
-logging.disable(logging.CRITICAL)
+import json, sys
 try:
     from math_verify import LatexExtractionConfig, parse, verify
 except ImportError as e:
@@ -140,10 +137,9 @@ class _Grader:
                                                  start_new_session=True)   # (distill.py saves answers in flight)
                     if (started := self.reply(120)) != "ready":
                         raise SystemExit(f"eval_aime.py: the math-verify grader did not start: {started or 'no reply'}")
-                self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
-                reply = self.reply(GRADE_TIMEOUT)
-            except BrokenPipeError:            # it died
-                pass
+                with contextlib.suppress(BrokenPipeError):   # it died: no reply
+                    self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
+                    reply = self.reply(GRADE_TIMEOUT)
             finally:
                 if self.proc and reply not in ("true", "false"):  # overran, died or interrupted: start afresh
                     self.proc.kill()
@@ -260,19 +256,19 @@ def data_path(name):
 def problem_rows(path):
     """(line number, id, problem text, row) for each row of a JSONL problems file: the id is field id /
     ID / unique_id (else "line-N"), the text field problem / question / Problem / Question. A line that
-    is not a JSON object with a problem text is a ValueError naming the file and line. Also what
-    distill.py reads its --decontaminate sets with."""
-    with open(path, encoding="utf-8") as f:
+    is not a JSON object with a problem text, an unreadable file and one that is not UTF-8 text are a
+    UserError naming the file (and line). Also what distill.py reads its --decontaminate sets with."""
+    with model.user_errors(path), open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from None
             text = _first(row, ("problem", "question", "Problem", "Question")) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{lineno}: no problem text (a JSON object with field problem / question)")
+                raise UserError(f"{path}:{lineno}: no problem text (a JSON object with field problem / question)")
             pid = _first(row, ("id", "ID", "unique_id"))
             yield lineno, f"line-{lineno}" if pid is None else str(pid), text, row
 
@@ -280,21 +276,20 @@ def problem_rows(path):
 def load_problems(path):
     """JSONL rows {"id", "problem", "answer"} (also ID / unique_id / question / Problem / Question /
     Answer; level and subject are kept). An integer answer ("033", 33) becomes an int, graded as one;
-    any other is LaTeX, graded by equivalence. A row without an id gets "line-N". Any bad row is an
-    error naming the file and line."""
+    any other is LaTeX, graded by equivalence. A row without an id gets "line-N". Any bad row is a
+    UserError naming the file and line."""
     problems, seen = [], {}
     for lineno, pid, text, row in problem_rows(path):
-        raw = _first(row, ("answer", "Answer"))
-        answer = gold_integer(raw)
-        if answer is None and isinstance(raw, (str, float)) and str(raw).strip():
-            answer = str(raw).strip()      # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
+        answer = gold_integer(raw := _first(row, ("answer", "Answer")))
+        if answer is None and isinstance(raw, (str, float)):
+            answer = str(raw).strip() or None   # LaTeX ("\\frac{14}{3}"), or a number that is not an integer
         if answer is None:
-            raise ValueError(f"{path}:{lineno}: no answer (a non-empty string or number in field answer), got {raw!r}")
+            raise UserError(f"{path}:{lineno}: no answer (a non-empty string or number in field answer), got {raw!r}")
         if (first := seen.setdefault(pid, lineno)) != lineno:
-            raise ValueError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {first})")
+            raise UserError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {first})")
         problems.append({"id": pid, "problem": text, "answer": answer, **{f: row[f] for f in GROUPS if f in row}})
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise UserError(f"{path}: no problems")
     return problems
 
 
@@ -331,17 +326,19 @@ def run_config(args, params):
             "system": args.system}
 
 
-def check_config(out, config):
-    """Refuse to mix samples from a different configuration, or to touch a file that is not ours (no
-    sidecar). The sidecar itself is written once the sampler is up, so that a mistyped --model or a
-    missing GPU never blocks this --out."""
-    path = Path(f"{out}.config.json")
-    if path.exists():
-        model.refuse_changes(json.loads(path.read_text()), config, f"{out} holds samples from a different "
-                             f"configuration ({{}}). Use another --out, or delete {out}* to start over.")
-    elif any(p.exists() for p in record_files(out)):
-        raise UserError(f"{out} exists but {path} does not: cannot tell how those samples were made. "
-                        f"Use another --out, or delete {out}.")
+def check_config(sidecar, config, outputs, unknown="cannot tell how those samples were made", key=None):
+    """The sidecar's content ({} when there is none), checked before any output is read or repaired: a
+    configuration other than the sidecar's (at `key` in it, else all of it) is refused, and so are outputs
+    without a sidecar (unknown: why they are not ours to touch). Also distill.py's. The sidecar itself is
+    written once the sampler is up, so that a mistyped --model or a missing GPU never blocks an --out."""
+    if sidecar.exists():
+        previous = json.loads(sidecar.read_text())
+        model.refuse_changes(previous.get(key, {}) if key else previous, config, f"{outputs[0]} was made with a "
+                             "different configuration ({}). Use another --out, or the same settings to resume.")
+        return previous
+    if found := [p for p in outputs if p.exists()]:
+        raise UserError(f"{found[0]} exists but {sidecar} does not: {unknown}. Use another --out.")
+    return {}
 
 
 def merge(out, done, problems):
@@ -354,8 +351,7 @@ def merge(out, done, problems):
     for r in rows:
         r.update(extracted=final_answer(r["text"], gold[r["id"]]), correct=check_answer(r["text"], gold[r["id"]]))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out)
     for p in record_files(out)[1:]:
         p.unlink(missing_ok=True)             # another shard may be merging the same records
@@ -383,8 +379,7 @@ def draw(sampler, todo, params, args, path, done, bar):
             continue
         r = {"id": p["id"], "sample": k, "seed": requests[i].seed, "gold": p["answer"],
              "extracted": final_answer(c.text, p["answer"]), "correct": check_answer(c.text, p["answer"]),
-             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-             "text": c.text, "reasoning": c.reasoning, "usage": c.usage}
+             **{f: getattr(c, f) for f in ("finish_reason", "num_tokens", "text", "reasoning", "usage")}}
         done[(p["id"], k)] = r
         if path:
             model.append_record(path, r)
@@ -453,7 +448,7 @@ def report(metrics, per_problem, stats, args):
 def build_parser():
     ap = model.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               conflict_handler="resolve")      # lets --seed below replace the shared one
-    ap.add_argument("--data", required=True, help="problems JSONL {id, problem, answer}, or a bundled set's name")
+    ap.add_argument("--data", required=True, type=data_path, help="JSONL {id, problem, answer}, or a bundled name")
     ap.add_argument("--model", help="local model folder (Hugging Face layout)")
     ap.add_argument("--samples", type=model.number(1), default=4, help="samples per problem, K (default 4)")
     ap.add_argument("--raw-prompt", action="store_true", help="no chat template (base models)")
@@ -472,7 +467,6 @@ def main(argv=None, sampler=None):
     `sampler` replaces the one built from --model / --base-url (tests pass a fake)."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.data = data_path(args.data)
     if sampler is None and not args.model and not (args.base_url and args.api_model):
         ap.error("give --model DIR, or --base-url URL and --api-model NAME")
     if args.system and args.raw_prompt:
@@ -480,8 +474,7 @@ def main(argv=None, sampler=None):
     if args.temperature == 0 and args.samples > 1 and args.model:
         print("eval_aime.py: --temperature 0 is greedy: a local model gives K identical samples; "
               "greedy scoring is --temperature 0 --samples 1", file=sys.stderr)
-    with model.user_errors(args.data):
-        every = load_problems(args.data)
+    every = load_problems(args.data)
     rank, world, wait_for_others = shard_of(args.shard)
     if world > 1 and not args.out:
         ap.error("sharding needs --out: the ranks meet in its files")
@@ -494,7 +487,7 @@ def main(argv=None, sampler=None):
             if world == 1:
                 model.remove_leftovers(out.parent, *(f".{glob.escape(out.name)}{s}.tmp-*"
                                                      for s in ("", ".config.json", ".summary.json")))
-            check_config(out, config)
+            check_config(Path(f"{out}.config.json"), config, record_files(out))
             with model.user_errors():
                 done = load_records(out, own)
         mine = problems[rank::world]
