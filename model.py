@@ -73,8 +73,7 @@ class Config:
     attention_bias: bool = False         # Llama's q/k/v/o bias; Qwen2 always has q/k/v bias
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.qkv_bias = self.model_type == "qwen2" or self.attention_bias  # not a field: config.json has no such key
 
     @classmethod
@@ -230,18 +229,16 @@ class Transformer(nn.Module):
         (the SFT loss computes logits in chunks from these). positions (B, T) default to 0..T-1;
         packed rows pass per-document positions with cu_seqlens."""
         B, T = ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        positions = torch.arange(T, device=ids.device).expand(B, T) if positions is None else positions  # (B, T)
         x = self.model.embed_tokens(ids)                                  # (B, T, C)
-        # RoPE angles in fp32 (as HF does, autocast or not), then cast to the activations' dtype
-        with torch.autocast(device_type=ids.device.type, enabled=False):
-            freqs = positions[..., None].float() * self.inv_freq.float()   # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # (B, 1, T, D)
+        # RoPE angles in fp32, as HF computes them (elementwise ops: autocast leaves them in fp32), then
+        # cast to the activations' dtype
+        freqs = positions[..., None].float() * self.inv_freq.float()       # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        visible = None
-        if cache is not None:  # which cached keys each query sees: those at or before its position
-            L = cache.length or cache.max_len
-            visible = torch.arange(L, device=ids.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+        visible = None  # (B, 1, T, L) when decoding: which cached keys each query sees, those at or before its position
+        if cache is not None:
+            visible = torch.arange(cache.length or cache.max_len, device=ids.device) <= positions[:, None, :, None]
         checkpoint = self.gradient_checkpointing and self.training
         for block in self.model.layers:
             args = (x, cos, sin, positions, cache, cu_seqlens, visible)
@@ -306,11 +303,15 @@ def pick_dtype(dtype, device):
     return DTYPES[dtype] if isinstance(dtype, str) else dtype  # a name (the scripts' --dtype choices) or a dtype
 
 
+def read_json(path, default=None):
+    """A JSON file's value, or `default` where there is no such file."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else default
+
+
 def safetensors_files(folder):
     """The checkpoint's files: one model.safetensors, or the shards named in the index."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if index := read_json(folder / "model.safetensors.index.json"):
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -367,7 +368,7 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     config = Config.from_json(folder / "config.json")
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    quant = read_json(folder / "config.json").get("quantization_config")
     quant = quant and quant.get("quant_method", "quantization_config")
     device = pick_device(device)  # a torch.device passes through
     dtype = pick_dtype(dtype, str(device))  # from the resolved device: "auto" is bf16 on a bf16 GPU
@@ -549,12 +550,11 @@ class Tokenizer:
 def json_object(text):
     """The argparse type of --chat-template-kwargs: a JSON object."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("not a JSON object, e.g. '{\"enable_thinking\": false}'")
-    return value
+        if isinstance(value := json.loads(text), dict):
+            return value
+    except json.JSONDecodeError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
 
 
 # ----------------------------------------------------------------------------- the loop's conversation
@@ -581,11 +581,6 @@ def trace_turn(thinking, solution):
 def sha256_file(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def read_json(path, default=None):
-    """A JSON file's value, or `default` where there is no such file."""
-    return json.loads(Path(path).read_text()) if Path(path).exists() else default
 
 
 def write_json_atomic(path, obj):
@@ -648,16 +643,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(lo, hi=None, kind=int, above=False):
     """An argparse type: a finite `kind` >= lo (> lo with `above`) and <= hi; the error states the range."""
-    what = "an integer" if kind is int else "a number"
     rule = f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}"
     def parse(text):
         try:
             x = kind(text)
+            if math.isfinite(x) and (x > lo if above else x >= lo) and (hi is None or x <= hi):
+                return x
         except ValueError:
-            x = None
-        if x is None or not math.isfinite(x) or x < lo or (above and x == lo) or (hi is not None and x > hi):
-            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}")
-        return x
+            pass
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {rule}, got {text!r}")
     return parse
 
 
@@ -683,10 +677,9 @@ def user_errors(path=None):
     reads the user's inputs (a model folder, a data file), where they are the input's fault."""
     try:
         yield
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
     except (OSError, ValueError) as e:
-        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        message = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else
+                   f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e))
         raise UserError(message if path is None or str(path) in message else f"{path}: {message}") from None
 
 
