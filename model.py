@@ -11,11 +11,14 @@ What it is not: a framework. One model file, no q/k permutations (HF's rotate-ha
 pickle, no exec'd configs. Attention, RMSNorm and the loss go through `kernels`, which picks Triton
 or the PyTorch reference; this file never imports triton.
 """
-import argparse, fcntl, hashlib, json, math, os, shutil, subprocess, sys, tempfile, time
+import argparse, fcntl, hashlib, json, math, os, shutil, subprocess, sys, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import jinja2.sandbox
+import safetensors.torch
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
 # the same function; quantization_config: load_model looks at the weights themselves), or something we
 # do not know (named once on stderr, then loaded).
 UNSUPPORTED = {
+    "model_type": (lambda v: v not in FAMILIES, f"only {', '.join(FAMILIES)} are implemented"),
     "use_sliding_window": (bool, "sliding-window attention is not implemented"),
     "layer_types": (lambda v: any(t != "full_attention" for t in v), "only full-attention layers are implemented"),
     "hidden_act": (lambda v: v != "silu", "only SiLU (SwiGLU) MLPs are implemented"),
@@ -69,25 +73,18 @@ class Config:
     attention_bias: bool = False         # Llama's q/k/v/o bias; Qwen2 always has q/k/v bias
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.qkv_bias = self.model_type == "qwen2" or self.attention_bias  # not a field: config.json has no such key
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
         d = {k: v for k, v in d.items() if v is not None}  # a key set to null sets nothing
-        if d.get("model_type") not in FAMILIES:
-            raise ValueError(f"{source}: model_type={d.get('model_type')!r} is not supported "
-                             f"(supported: {', '.join(FAMILIES)})")
         if isinstance(d.get("rope_parameters"), dict):  # transformers >= 5: rope_theta and rope_scaling in one dict
             rp = dict(d["rope_parameters"])
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rp)
-        if d["model_type"] == "qwen2":
+        if d.get("model_type") == "qwen2":
             d.pop("attention_bias", None)  # transformers' Qwen2 ignores it: q/k/v always have a bias, o never
         refused = [f"{k}={d[k]!r}: {why}" for k, (bad, why) in UNSUPPORTED.items() if k in d and bad(d[k])]
         if refused:
@@ -118,8 +115,7 @@ def rope_frequencies(config):
     """Inverse frequencies of rotary embeddings, with Llama 3's long-context rescaling if asked."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (D/2,)
-    s = config.rope_scaling
-    if s:  # llama3: slow the low frequencies by `factor`, keep the high ones, interpolate between
+    if s := config.rope_scaling:  # llama3: slow low frequencies by `factor`, keep the high ones, interpolate between
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -233,18 +229,16 @@ class Transformer(nn.Module):
         (the SFT loss computes logits in chunks from these). positions (B, T) default to 0..T-1;
         packed rows pass per-document positions with cu_seqlens."""
         B, T = ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        positions = torch.arange(T, device=ids.device).expand(B, T) if positions is None else positions  # (B, T)
         x = self.model.embed_tokens(ids)                                  # (B, T, C)
-        # RoPE angles in fp32 (as HF does, autocast or not), then cast to the activations' dtype
-        with torch.autocast(device_type=ids.device.type, enabled=False):
-            freqs = positions[..., None].float() * self.inv_freq.float()   # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # (B, 1, T, D)
+        # RoPE angles in fp32, as HF computes them (elementwise ops: autocast leaves them in fp32), then
+        # cast to the activations' dtype
+        freqs = positions[..., None].float() * self.inv_freq.float()       # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        visible = None
-        if cache is not None:  # which cached keys each query sees: those at or before its position
-            L = cache.length or cache.max_len
-            visible = torch.arange(L, device=ids.device) <= positions[:, None, :, None]  # (B, 1, T, L)
+        visible = None  # (B, 1, T, L) when decoding: which cached keys each query sees, those at or before its position
+        if cache is not None:
+            visible = torch.arange(cache.length or cache.max_len, device=ids.device) <= positions[:, None, :, None]
         checkpoint = self.gradient_checkpointing and self.training
         for block in self.model.layers:
             args = (x, cos, sin, positions, cache, cu_seqlens, visible)
@@ -306,16 +300,18 @@ def pick_device(device="auto"):
 def pick_dtype(dtype, device):
     if dtype == "auto":  # bf16 on GPUs that have it; fp32 on CPU, where bf16 matmuls are slow and inexact
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype not in DTYPES and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES.get(dtype, dtype)  # a name, or already a torch dtype
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype  # a name (the scripts' --dtype choices) or a dtype
+
+
+def read_json(path, default=None):
+    """A JSON file's value, or `default` where there is no such file."""
+    return json.loads(Path(path).read_text()) if Path(path).exists() else default
 
 
 def safetensors_files(folder):
     """The checkpoint's files: one model.safetensors, or the shards named in the index."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if index := read_json(folder / "model.safetensors.index.json"):
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -372,9 +368,9 @@ def load_model(folder, device="cpu", dtype=torch.float32):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     config = Config.from_json(folder / "config.json")
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    quant = read_json(folder / "config.json").get("quantization_config")
     quant = quant and quant.get("quant_method", "quantization_config")
-    device = pick_device(device) if isinstance(device, str) else device
+    device = pick_device(device)  # a torch.device passes through
     dtype = pick_dtype(dtype, str(device))  # from the resolved device: "auto" is bf16 on a bf16 GPU
     with torch.device("meta"):
         model = Transformer(config)
@@ -411,11 +407,10 @@ def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_b
     """Write an HF-layout folder atomically: everything goes to a temporary sibling, which then
     replaces `folder`. A crash mid-save leaves the previous folder (or nothing), never half a folder.
     Weights over max_shard_bytes are split into shards named in model.safetensors.index.json."""
-    from safetensors.torch import save_file
     folder, config = Path(folder), model.config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    stamp = f"{os.getpid()}-{time.time_ns()}"
+    tmp, old = folder.with_name(f".{folder.name}.tmp-{stamp}"), folder.with_name(f".{folder.name}.old-{stamp}")
+    tmp.mkdir(parents=True)
     try:
         write_json_atomic(tmp / "config.json", {**asdict(config), "architectures": [FAMILIES[config.model_type]],
                           "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
@@ -429,7 +424,7 @@ def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_b
         n = len(shards)
         names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
         for name, shard in zip(names, shards):
-            save_file(shard, tmp / name, metadata={"format": "pt"})
+            safetensors.torch.save_file(shard, tmp / name, metadata={"format": "pt"})
         if n > 1:
             write_json_atomic(tmp / "model.safetensors.index.json", {
                 "metadata": {"total_size": sum(v.nbytes for v in state.values())},
@@ -441,7 +436,6 @@ def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_b
             (tmp / name).write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2) + "\n")
         # POSIX renames a folder atomically only onto a missing or empty target, so the old folder
         # steps aside first and is deleted once the new one is in place
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.time_ns()}")
         if folder.exists():
             os.rename(folder, old)
         os.rename(tmp, folder)
@@ -449,10 +443,21 @@ def save_model(model, folder, tokenizer_from=None, extra_files=None, max_shard_b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------- tokenizer + chat
+
+def raise_exception(message):  # what a template calls to refuse a conversation
+    raise jinja2.TemplateError(message)
+
+
+# jinja2 as transformers' apply_chat_template sets it up: an immutable sandbox (templates come from the
+# Hub), trimmed blocks, loop controls, and the helpers templates call
+CHAT = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=["jinja2.ext.loopcontrols"])
+CHAT.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
+CHAT.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+
 
 class Tokenizer:
     """tokenizers' BPE on tokenizer.json, and chat rendering with the checkpoint's own chat template
@@ -461,21 +466,18 @@ class Tokenizer:
     raise_exception. Stop tokens come from the folder's files and the template's end of turn."""
 
     def __init__(self, folder):
-        from tokenizers import Tokenizer as HFTokenizer
         self.folder = folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer is needed to encode prompts)")
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        template = cfg.get("chat_template")
-        if (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
+        self.tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = read_json(folder / "tokenizer_config.json", {})
+        jinja = folder / "chat_template.jinja"  # the file wins over tokenizer_config.json's key
+        template = jinja.read_text() if jinja.exists() else cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         try:
-            self.template = chat_environment().from_string(template) if template else None
-        except Exception as e:  # jinja2.TemplateSyntaxError, without importing jinja2 at module level
+            self.template = CHAT.from_string(template) if template else None
+        except jinja2.TemplateError as e:
             raise ValueError(f"{folder}: the chat template does not compile: {e}") from None
         token = lambda v: v.get("content") if isinstance(v, dict) else v
         # what transformers passes the template besides the messages: its named special tokens
@@ -492,9 +494,8 @@ class Tokenizer:
         self.end_of_turn = after[0] if after and after[0] in self.tok.get_added_tokens_decoder() else eos
         stop = {self.end_of_turn, eos}
         for name in ("generation_config.json", "config.json"):
-            if (folder / name).exists():
-                eos = json.loads((folder / name).read_text()).get("eos_token_id")
-                stop.update(eos if isinstance(eos, list) else [eos])
+            eos = read_json(folder / name, {}).get("eos_token_id")
+            stop.update(eos if isinstance(eos, list) else [eos])
         self.stop_ids = sorted(stop - {None})
 
     def encode(self, text):
@@ -505,20 +506,17 @@ class Tokenizer:
 
     def token_id(self, text):
         """The id of a single token (e.g. '</think>'), or None if the text is not one token."""
-        tid = self.tok.token_to_id(text)
-        ids = [tid] if tid is not None else self.encode(text)
+        ids = self.encode(text)
         return ids[0] if len(ids) == 1 else None
 
     def chat_text(self, messages, add_generation_prompt, **template_kwargs):
         """The template's text, as transformers' apply_chat_template(..., tokenize=False) renders it."""
         if self.template is None:
-            raise ValueError(f"{self.folder}: no chat template (no chat_template in tokenizer_config.json, no "
-                             "chat_template.jinja): send the text as it is with --raw-prompt "
-                             "(sample.py: leave out --chat)")
+            raise ValueError(f"{self.folder}: no chat template (none in tokenizer_config.json or chat_template.jinja): "
+                             "send the text as it is with --raw-prompt (sample.py: leave out --chat)")
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r:.200}")
-        import jinja2
         try:
             return self.template.render(messages=messages, tools=None, documents=None, **self.special,
                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
@@ -545,33 +543,18 @@ class Tokenizer:
         ids, opened = self.prompt(context, **template_kwargs)
         if self.end_of_turn is None:
             raise ValueError(f"{self.folder}: no end-of-turn token (none in the template, no eos_token) to train on")
-        reply = last["content"].removeprefix(opened)
-        target = self.encode(reply) + [self.end_of_turn]
+        target = self.encode(last["content"].removeprefix(opened)) + [self.end_of_turn]
         return ids + target, [0] * len(ids) + [1] * len(target)
-
-
-def chat_environment():
-    """jinja2 as transformers' apply_chat_template sets it up: an immutable sandbox (templates come
-    from the Hub), trimmed blocks, loop controls, and the helpers templates call."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
-    return env
 
 
 def json_object(text):
     """The argparse type of --chat-template-kwargs: a JSON object."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("not a JSON object, e.g. '{\"enable_thinking\": false}'")
-    return value
+        if isinstance(value := json.loads(text), dict):
+            return value
+    except json.JSONDecodeError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r}")
 
 
 # ----------------------------------------------------------------------------- the loop's conversation
@@ -595,18 +578,14 @@ def trace_turn(thinking, solution):
 
 # ----------------------------------------------------------------------------- run manifest
 
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
+def sha256_file(path):
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_json_atomic(path, obj):
-    """Write JSON to a temporary file in the same folder, then rename over `path`."""
+    """Write JSON to a temporary file in the same (existing) folder, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
@@ -627,22 +606,17 @@ def run_manifest(args, inputs=(), model_dir=None):
         with open(p, "rb") as f:
             rows = sum(1 for line in f if line.strip())
         files.append({"path": str(p.resolve()), "sha256": sha256_file(p), "rows": rows})
-        own = Path(f"{p}.run.json")  # e.g. traces.jsonl.run.json, written by distill.py: the teacher
-        if own.exists():
-            files[-1]["manifest"] = json.loads(own.read_text())
-    model = None
-    if model_dir is not None and Path(model_dir).is_dir():
-        m = Path(model_dir)
-        model = {"path": str(m.resolve()),
-                 "config_sha256": sha256_file(m / "config.json") if (m / "config.json").exists() else None,
-                 "manifest": json.loads((m / "run.json").read_text()) if (m / "run.json").exists() else None}
-    import tokenizers, safetensors
+        if (own := read_json(f"{p}.run.json")) is not None:  # e.g. traces.jsonl.run.json (distill.py's): the teacher
+            files[-1]["manifest"] = own
+    m = Path(model_dir) if model_dir is not None and Path(model_dir).is_dir() else None
     return {
         "command": [sys.executable, *sys.argv],
         "git_commit": git("rev-parse", "HEAD") or None,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "inputs": files,
-        "model": model,
+        "model": {"path": str(m.resolve()),
+                  "config_sha256": sha256_file(m / "config.json") if (m / "config.json").exists() else None,
+                  "manifest": read_json(m / "run.json")} if m else None,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(args).items()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__},
@@ -669,16 +643,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(lo, hi=None, kind=int, above=False):
     """An argparse type: a finite `kind` >= lo (> lo with `above`) and <= hi; the error states the range."""
-    what = "an integer" if kind is int else "a number"
     rule = f"in {'(' if above else '['}{lo}, {hi}]" if hi is not None else f"{'>' if above else '>='} {lo}"
     def parse(text):
         try:
             x = kind(text)
+            if math.isfinite(x) and (x > lo if above else x >= lo) and (hi is None or x <= hi):
+                return x
         except ValueError:
-            x = None
-        if x is None or not math.isfinite(x) or x < lo or (above and x == lo) or (hi is not None and x > hi):
-            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got {text!r}")
-        return x
+            pass
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} {rule}, got {text!r}")
     return parse
 
 
@@ -704,10 +677,9 @@ def user_errors(path=None):
     reads the user's inputs (a model folder, a data file), where they are the input's fault."""
     try:
         yield
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
     except (OSError, ValueError) as e:
-        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        message = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else
+                   f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e))
         raise UserError(message if path is None or str(path) in message else f"{path}: {message}") from None
 
 
