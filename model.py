@@ -74,6 +74,9 @@ class Config:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:  # named here, not at the first forward
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
         self.qkv_bias = self.model_type == "qwen2" or self.attention_bias  # not a field: config.json has no such key
 
     @classmethod

@@ -182,6 +182,7 @@ def test_bad_tensors_are_named(tiny, edit, message):
     ("model_type", "mixtral", "model_type='mixtral'"),
     ("hidden_act", "gelu", "hidden_act='gelu': only SiLU"),
     ("layer_types", ["full_attention", "sliding_attention"], "only full-attention layers"),
+    ("num_key_value_heads", 3, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
 ])
 def test_unsupported_config_is_refused(tiny, key, value, message):
     cfg = json.loads((tiny / "config.json").read_text())
