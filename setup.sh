@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "setup.sh: needs Python 3.11 or newer (PYTHON=python3.12 bash setup.sh)" >&2; exit 2; }
 PIP=(.venv/bin/pip install -q --only-binary=:all: --disable-pip-version-check)
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch first, pinned, so pip takes the wheel this machine has instead of a multi-GB CUDA build;
