@@ -11,7 +11,7 @@ forcing); the endpoint client (same generate() over HTTP); the command line.
 import http.client, inspect, json, os, random, socket, sys, time, urllib.error, urllib.parse, urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 
 import torch
@@ -104,8 +104,8 @@ def filtered_probs(logits, params):
 
 class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
-    def __init__(self, index, request, prompt_len, opened=""):
-        self.index, self.prompt_len, self.opened = index, prompt_len, opened
+    def __init__(self, index, request, prompt, opened=""):
+        self.index, self.prompt, self.opened = index, tuple(prompt), opened
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
         # the generated ids (forced ones included); ids to emit next instead of sampling (budget forcing);
         # True until "</think>" appears (budgets count the tokens before it)
@@ -113,7 +113,7 @@ class Row:
 
     @property
     def position(self):  # where the next token's key and value go in the cache
-        return self.prompt_len + len(self.tokens)
+        return len(self.prompt) + len(self.tokens)
 
 
 class LocalSampler:
@@ -161,11 +161,11 @@ class LocalSampler:
         """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
         request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
         the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches.
-        Each round: admit waiting prompts into free rows, pick every row's next token and retire the rows
+        Each round: admit waiting rows into free slots, step (every row's next token), retire the rows
         that finished, decode one token for the rest."""
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
-        waiting = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
+        groups = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
         for i, r in enumerate(requests):
             try:
                 ids, opened = self.prompt(r)
@@ -174,43 +174,41 @@ class LocalSampler:
                     raise
                 yield i, e
             else:
-                waiting.setdefault(tuple(ids), []).append(Row(i, r, len(ids), opened))
+                groups.setdefault(tuple(ids), []).append(Row(i, r, ids, opened))
+        waiting = [row for group in groups.values() for row in group]  # the rows of one prompt side by side
         if not waiting:
             return
-        max_len = min(self.model.config.max_position_embeddings, max(map(len, waiting)) + params.max_new_tokens)
-        cache = self.cache(min(self.batch_size, sum(map(len, waiting.values()))), max_len)  # fewer if memory is short
+        max_len = min(self.model.config.max_position_embeddings, max(map(len, groups)) + params.max_new_tokens)
+        cache = self.cache(min(self.batch_size, len(waiting)), max_len)  # fewer rows if memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
             logits = self.admit(waiting, rows, cache, logits)
-            yield from self.step(rows, logits, params, max_len, on_token, cache)
+            for slot, reason in self.step(rows, logits, params, max_len, on_token):
+                yield self.retire(rows, slot, reason, cache)
             logits = self.decode(rows, cache) if rows else logits[:0]  # (B, V); (0, V) once every row finished
 
     def admit(self, waiting, rows, cache, logits):
-        """Fill free rows with waiting prompts: each prompt runs once into a scratch cache, which is copied
-        to its rows. -> logits (B, V)"""
-        while waiting and len(rows) < cache.batch_size:
-            prompt, group = next(iter(waiting.items()))  # the first waiting prompt
-            take = group[:cache.batch_size - len(rows)]
-            del group[:len(take)]
-            if not group:
-                del waiting[prompt]
+        """Move waiting rows into the free slots. Each prompt among them runs once into a scratch cache,
+        which is copied to its rows. -> logits (B, V)"""
+        admitted = waiting[:cache.batch_size - len(rows)]
+        del waiting[:len(admitted)]
+        for prompt, group in groupby(admitted, key=lambda row: row.prompt):
+            group = list(group)
             scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
             ids, positions = torch.tensor([prompt, range(len(prompt))], device=self.device)[:, None]   # (1, P) each
             first = self.model(ids, cache=scratch, positions=positions)[0, -1].float()                 # (V,)
-            cache.write(slice(len(rows), len(rows) + len(take)), scratch)
-            rows += take
-            logits = torch.cat([logits, first.expand(len(take), -1)])
+            cache.write(slice(len(rows), len(rows) + len(group)), scratch)
+            rows += group
+            logits = torch.cat([logits, first.expand(len(group), -1)])
         return logits
 
-    def step(self, rows, logits, params, max_len, on_token, cache):
+    def step(self, rows, logits, params, max_len, on_token):
         """Every row's next token: sampled, then budget forcing (s1): past max_think_tokens the row is made
         to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking is what a row
         writes before its first "</think>" (prompts that open "<think>" count as such); a forced sequence
-        runs to its end. Rows that finished leave (the last row moves into the freed slot): yields their
-        (index, Completion), from the last slot to the first."""
-        sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
-        for slot in reversed(range(len(rows))):  # from the end: the row that moves into a freed slot is done
-            row, t = rows[slot], sampled[slot]
+        runs to its end. -> [(slot, "stop" or "length")] of the rows that finished, the last slot first."""
+        sampled, finished = sample_token(logits, params, [r.generator for r in rows]).tolist(), []
+        for slot, (row, t) in enumerate(zip(rows, sampled)):
             thinking = row.thinking and not row.forced
             if thinking and params.max_think_tokens is not None and len(row.tokens) >= params.max_think_tokens:
                 row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
@@ -223,27 +221,29 @@ class LocalSampler:
             row.thinking = row.thinking and row.tokens[-len(self.think_end):] != self.think_end
             stop = t in self.stop_ids and not row.forced
             if stop or len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
-                last = rows.pop()
-                if slot < len(rows):
-                    cache.copy_rows(len(rows), [slot], last.position)
-                    rows[slot] = last
-                ids = row.tokens[:-1] if stop else row.tokens  # the stop token is not text
-                yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), token_ids=row.tokens,
-                                            finish_reason="stop" if stop else "length", opened=row.opened)
+                finished.append((slot, "stop" if stop else "length"))
+        return finished[::-1]  # the last slot first: then the row that moves into a freed slot has not finished
+
+    def retire(self, rows, slot, reason, cache):
+        """A finished row leaves; the last row moves into its slot (cache included). -> (index, Completion)"""
+        row, last = rows[slot], rows.pop()
+        if slot < len(rows):
+            cache.copy_rows(len(rows), [slot], last.position)
+            rows[slot] = last
+        ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
+        return row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
+                                     token_ids=row.tokens, opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
-        B = cache.batch_size
-        ids, positions = [r.tokens[-1] for r in rows], [r.position - 1 for r in rows]
-        if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
-            ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
-            cache.rows, cache.length = B, None
+        if self.compile:  # static shapes: every slot, the whole cache (free slots decode junk at 0)
+            pad, cache.rows, cache.length = [0] * (cache.batch_size - len(rows)), cache.batch_size, None
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-        else:
-            cache.rows, cache.length = len(rows), max(positions) + 1
-        ids = torch.tensor(ids, device=self.device)[:, None]                        # (B, 1)
-        positions = torch.tensor(positions, device=self.device)[:, None]            # (B, 1)
-        logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
+        else:  # the rows in use, up to the furthest position written
+            pad, cache.rows, cache.length = [], len(rows), max(r.position for r in rows)
+        ids = torch.tensor([r.tokens[-1] for r in rows] + pad, device=self.device)[:, None]          # (B, 1)
+        positions = torch.tensor([r.position - 1 for r in rows] + pad, device=self.device)[:, None]  # (B, 1)
+        logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()    # (B, V)
         return logits.clone() if self.compile else logits  # a CUDA graph's output is overwritten by its next replay
 
     def cache(self, B, max_len):
