@@ -43,10 +43,8 @@ class Request:
     @classmethod
     def user(cls, text, seed=0, raw=False, system=None):
         """One user turn: the text as it is with raw (no chat template), else a chat, after a system turn if given."""
-        if raw:
-            return cls(prompt=text, seed=seed)
-        turns = [{"role": "system", "content": system}] if system else []
-        return cls(messages=turns + [{"role": "user", "content": text}], seed=seed)
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return cls(prompt=text, seed=seed) if raw else cls(messages=turns, seed=seed)
 
 
 @dataclass
@@ -90,12 +88,12 @@ def filtered_probs(logits, params):
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0)
     if params.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        # sorting the whole vocabulary is the slow part; the nucleus almost always lies in the top
-        # 1024 tokens, and when their mass reaches top_p that is exactly the same set
-        sorted_p, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                # (B, k)
-        outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p                         # mass before it already enough
-        nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0))
-        for b in (sorted_p.sum(-1) < params.top_p).nonzero().flatten().tolist():       # rows whose nucleus is wider
+        # (a token is out when the mass before it already does). Sorting the whole vocabulary is the slow
+        # part; the nucleus almost always lies in the top 1024 tokens, and when their mass reaches top_p
+        # that is exactly the same set
+        top, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                     # (B, k)
+        nucleus = torch.zeros_like(probs).scatter(-1, order, top.masked_fill(top.cumsum(-1) - top >= params.top_p, 0))
+        for b in (top.sum(-1) < params.top_p).nonzero().flatten().tolist():             # rows whose nucleus is wider
             p, idx = probs[b].sort(descending=True)                                     # (V,)
             nucleus[b] = torch.zeros_like(p).scatter(0, idx, p.masked_fill(p.cumsum(0) - p >= params.top_p, 0))
         probs = nucleus
@@ -230,9 +228,8 @@ class LocalSampler:
         if slot < len(rows):
             cache.copy_rows(len(rows), [slot], last.position)
             rows[slot] = last
-        ids = row.tokens[:-1] if reason == "stop" else row.tokens  # the stop token is not text
-        return row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), finish_reason=reason,
-                                     token_ids=row.tokens, opened=row.opened)
+        text = self.tok.decode(row.tokens[:-1] if reason == "stop" else row.tokens)  # the stop token is not text
+        return row.index, Completion(text, len(row.tokens), reason, token_ids=row.tokens, opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
@@ -345,11 +342,8 @@ class EndpointSampler:
                 if not pending:
                     return
                 for fut in wait(pending, return_when=FIRST_COMPLETED).done:
-                    i = pending.pop(fut)
-                    if errors == "yield" and isinstance(fut.exception(), EndpointError):
-                        yield i, fut.exception()
-                    else:
-                        yield i, fut.result()  # raises what the request raised
+                    i, error = pending.pop(fut), fut.exception()  # fut.result() raises what the request raised
+                    yield i, (error if errors == "yield" and isinstance(error, EndpointError) else fut.result())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -366,11 +360,10 @@ class EndpointSampler:
     def _complete(self, req, params):
         """One request with retries: connection errors, timeouts, 408/409/429 and 5xx are asked again after
         exponential backoff with jitter, or after the server's Retry-After; other statuses fail at once."""
-        payload = json.dumps(self._payload(req, params)).encode()
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self._key}"} if self._key else {})
+        request = urllib.request.Request(self.url, json.dumps(self._payload(req, params)).encode(), headers)  # a POST
         for attempt in range(1, self.max_attempts + 1):
             try:
-                request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                     return self._parse(resp.read(), attempt)  # its EndpointError is not caught below
             except urllib.error.HTTPError as e:
@@ -391,14 +384,13 @@ class EndpointSampler:
         or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
         try:
             reply = json.loads(raw)
-            choice = reply["choices"][0]
-            message = choice["message"]
+            message = reply["choices"][0]["message"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise EndpointError(f"malformed reply from {self.url} (no JSON with choices[0].message): "
                                 f"{self.scrub(raw[:200].decode(errors='replace'))}", 200, attempt) from None
         usage = reply.get("usage") or {}
         return Completion(text=message.get("content") or "", num_tokens=int(usage.get("completion_tokens") or 0),
-                          finish_reason=choice.get("finish_reason") or "unknown", usage=usage,
+                          finish_reason=reply["choices"][0].get("finish_reason") or "unknown", usage=usage,
                           reasoning=message.get("reasoning_content") or message.get("reasoning") or None)
 
     def scrub(self, text):
@@ -471,12 +463,11 @@ def check_reachable(base_url, timeout=10):
         raise UserError(f"{base_url}: not an http(s):// URL")
     proxy = urllib.request.getproxies().get(url.scheme)
     target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
-    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
     try:
-        socket.create_connection(address, timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{base_url}: cannot connect to {address[0]}:{address[1]} "
-                        f"({e.strerror or type(e).__name__}): is the server up?") from None
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:  # a timeout has no strerror: its text is "timed out"
+        raise UserError(f"{base_url}: cannot connect to {host}:{port} ({e.strerror or e}): is the server up?") from None
 
 
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeout=600.0, distill=False):
@@ -488,8 +479,7 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--min-p", type=number(0, 1, float), default=0.0, help="keep tokens >= min_p x the top probability")
     p.add_argument(*(["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]), dest="max_new_tokens",
                    metavar="N", type=number(1), default=max_new_tokens, help="at most N tokens, reasoning included")
-    p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + an answer cue after N "
-                   "thinking tokens (local models)")
+    p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + answer cue after N thinking tokens")
     p.add_argument("--min-think-tokens", type=number(0), help="replace an earlier '</think>' by 'Wait' (local models)")
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local models")
@@ -525,9 +515,9 @@ def main(argv=None):
     if not args.prompt.strip():
         p.error("--prompt is empty")
     sampler = sampler_from_args(args)
-    chat = args.chat or args.base_url is not None
-    # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs)
-    requests = [Request.user(args.prompt, args.seed + j, raw=not chat) for j in range(args.num_samples)]
+    # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs); an endpoint
+    # sends a raw prompt as the user turn, as --chat does
+    requests = [Request.user(args.prompt, args.seed + j, raw=not args.chat) for j in range(args.num_samples)]
     stream = not args.json and args.num_samples == 1 and args.temperature == 0 and args.base_url is None
     shown, printed = [], 0
     def on_token(i, t):  # print the text as it grows; decode the whole tail so multi-byte characters come out whole
