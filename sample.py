@@ -58,7 +58,7 @@ class Completion:
     opened: str = ""                # local only: the reply's start the prompt already wrote ("<think>\n" of R1-Distill)
 
 
-# ---- Local model: prefill, decode one token, decode many ----
+# ---- Local model: admit rows (one prefill per prompt), step, retire, decode one token ----
 
 class PromptTooLong(ValueError):
     """A prompt that fills the model's context. generate(errors="yield") yields it for that request
@@ -361,7 +361,7 @@ class EndpointSampler:
         """One request with retries: connection errors, timeouts, 408/409/429 and 5xx are asked again after
         exponential backoff with jitter, or after the server's Retry-After; other statuses fail at once."""
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self._key}"} if self._key else {})
-        request = urllib.request.Request(self.url, json.dumps(self._payload(req, params)).encode(), headers)  # a POST
+        request = urllib.request.Request(self.url, json.dumps(self._payload(req, params)).encode(), headers)  # with data: a POST
         for attempt in range(1, self.max_attempts + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
@@ -444,7 +444,17 @@ def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype
         raise ValueError("--base-url needs --api-model (the model name the server expects)")
     if api_key_env is not None and not os.environ.get(api_key_env):
         raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
-    check_reachable(base_url)
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UserError(f"{base_url}: not an http(s):// URL")
+    # connect once to the endpoint's host, or to the proxy urllib would use for it
+    proxy = urllib.request.getproxies().get(url.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:  # a timeout has no strerror: its text is "timed out"
+        raise UserError(f"{base_url}: cannot connect to {host}:{port} ({e.strerror or e}): is the server up?") from None
     return EndpointSampler(base_url, api_model, concurrency=concurrency, timeout=timeout,
                            api_key_env=api_key_env or "OPENAI_API_KEY", chat_template_kwargs=chat_template_kwargs)
 
@@ -454,20 +464,6 @@ def sampler_from_args(args):
     them: make_sampler's parameters are named after those flags."""
     with model.user_errors():
         return make_sampler(**{k: getattr(args, k) for k in inspect.signature(make_sampler).parameters})
-
-
-def check_reachable(base_url, timeout=10):
-    """Connect once to the endpoint's host (or to the proxy urllib would use for it)."""
-    url = urllib.parse.urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UserError(f"{base_url}: not an http(s):// URL")
-    proxy = urllib.request.getproxies().get(url.scheme)
-    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
-    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:  # a timeout has no strerror: its text is "timed out"
-        raise UserError(f"{base_url}: cannot connect to {host}:{port} ({e.strerror or e}): is the server up?") from None
 
 
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeout=600.0, distill=False):
