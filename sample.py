@@ -11,7 +11,7 @@ forcing); the endpoint client (same generate() over HTTP); the command line.
 import http.client, inspect, json, os, random, socket, sys, time, urllib.error, urllib.parse, urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 
 import torch
@@ -43,10 +43,8 @@ class Request:
     @classmethod
     def user(cls, text, seed=0, raw=False, system=None):
         """One user turn: the text as it is with raw (no chat template), else a chat, after a system turn if given."""
-        if raw:
-            return cls(prompt=text, seed=seed)
-        turns = [{"role": "system", "content": system}] if system else []
-        return cls(messages=turns + [{"role": "user", "content": text}], seed=seed)
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return cls(prompt=text, seed=seed) if raw else cls(messages=turns, seed=seed)
 
 
 @dataclass
@@ -60,7 +58,7 @@ class Completion:
     opened: str = ""                # local only: the reply's start the prompt already wrote ("<think>\n" of R1-Distill)
 
 
-# ---- Local model: prefill, decode one token, decode many ----
+# ---- Local model: admit rows (one prefill per prompt), step, retire, decode one token ----
 
 class PromptTooLong(ValueError):
     """A prompt that fills the model's context. generate(errors="yield") yields it for that request
@@ -90,12 +88,12 @@ def filtered_probs(logits, params):
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0)
     if params.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        # sorting the whole vocabulary is the slow part; the nucleus almost always lies in the top
-        # 1024 tokens, and when their mass reaches top_p that is exactly the same set
-        sorted_p, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                # (B, k)
-        outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p                         # mass before it already enough
-        nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0))
-        for b in (sorted_p.sum(-1) < params.top_p).nonzero().flatten().tolist():       # rows whose nucleus is wider
+        # (a token is out when the mass before it already does). Sorting the whole vocabulary is the slow
+        # part; the nucleus almost always lies in the top 1024 tokens, and when their mass reaches top_p
+        # that is exactly the same set
+        top, order = probs.topk(min(1024, probs.shape[-1]), dim=-1)                     # (B, k)
+        nucleus = torch.zeros_like(probs).scatter(-1, order, top.masked_fill(top.cumsum(-1) - top >= params.top_p, 0))
+        for b in (top.sum(-1) < params.top_p).nonzero().flatten().tolist():             # rows whose nucleus is wider
             p, idx = probs[b].sort(descending=True)                                     # (V,)
             nucleus[b] = torch.zeros_like(p).scatter(0, idx, p.masked_fill(p.cumsum(0) - p >= params.top_p, 0))
         probs = nucleus
@@ -104,8 +102,8 @@ def filtered_probs(logits, params):
 
 class Row:
     """One completion in flight: which request, its random stream, what it has written so far."""
-    def __init__(self, index, request, prompt_len, opened=""):
-        self.index, self.prompt_len, self.opened = index, prompt_len, opened
+    def __init__(self, index, request, prompt, opened=""):
+        self.index, self.prompt, self.opened = index, tuple(prompt), opened
         self.generator = torch.Generator().manual_seed(request.seed)  # CPU: it draws one number per step
         # the generated ids (forced ones included); ids to emit next instead of sampling (budget forcing);
         # True until "</think>" appears (budgets count the tokens before it)
@@ -113,7 +111,7 @@ class Row:
 
     @property
     def position(self):  # where the next token's key and value go in the cache
-        return self.prompt_len + len(self.tokens)
+        return len(self.prompt) + len(self.tokens)
 
 
 class LocalSampler:
@@ -161,11 +159,11 @@ class LocalSampler:
         """The sampling contract, shared with EndpointSampler.generate: yield (index, Completion) as each
         request finishes. on_token(index, token_id) streams. With errors="yield", a prompt too long for
         the context yields (index, PromptTooLong) instead. `requests` is read whole, up front: it batches.
-        Each round: admit waiting prompts into free rows, pick every row's next token and retire the rows
+        Each round: admit waiting rows into free slots, step (every row's next token), retire the rows
         that finished, decode one token for the rest."""
         if params.min_think_tokens is not None and len(self.think_end) != 1:
             raise ValueError("--min-think-tokens needs '</think>' to be one token in this vocabulary")
-        waiting = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
+        groups = {}  # prompt ids -> the rows of every request with that prompt: identical prompts prefill once
         for i, r in enumerate(requests):
             try:
                 ids, opened = self.prompt(r)
@@ -174,43 +172,41 @@ class LocalSampler:
                     raise
                 yield i, e
             else:
-                waiting.setdefault(tuple(ids), []).append(Row(i, r, len(ids), opened))
+                groups.setdefault(tuple(ids), []).append(Row(i, r, ids, opened))
+        waiting = [row for group in groups.values() for row in group]  # the rows of one prompt side by side
         if not waiting:
             return
-        max_len = min(self.model.config.max_position_embeddings, max(map(len, waiting)) + params.max_new_tokens)
-        cache = self.cache(min(self.batch_size, sum(map(len, waiting.values()))), max_len)  # fewer if memory is short
+        max_len = min(self.model.config.max_position_embeddings, max(map(len, groups)) + params.max_new_tokens)
+        cache = self.cache(min(self.batch_size, len(waiting)), max_len)  # fewer rows if memory is short
         rows, logits = [], torch.empty(0, self.model.config.vocab_size, device=self.device)
         while waiting or rows:
             logits = self.admit(waiting, rows, cache, logits)
-            yield from self.step(rows, logits, params, max_len, on_token, cache)
+            for slot, reason in self.step(rows, logits, params, max_len, on_token):
+                yield self.retire(rows, slot, reason, cache)
             logits = self.decode(rows, cache) if rows else logits[:0]  # (B, V); (0, V) once every row finished
 
     def admit(self, waiting, rows, cache, logits):
-        """Fill free rows with waiting prompts: each prompt runs once into a scratch cache, which is copied
-        to its rows. -> logits (B, V)"""
-        while waiting and len(rows) < cache.batch_size:
-            prompt, group = next(iter(waiting.items()))  # the first waiting prompt
-            take = group[:cache.batch_size - len(rows)]
-            del group[:len(take)]
-            if not group:
-                del waiting[prompt]
+        """Move waiting rows into the free slots. Each prompt among them runs once into a scratch cache,
+        which is copied to its rows. -> logits (B, V)"""
+        admitted = waiting[:cache.batch_size - len(rows)]
+        del waiting[:len(admitted)]
+        for prompt, group in groupby(admitted, key=lambda row: row.prompt):
+            group = list(group)
             scratch = KVCache(self.model.config, 1, len(prompt), self.device, self.dtype)
             ids, positions = torch.tensor([prompt, range(len(prompt))], device=self.device)[:, None]   # (1, P) each
             first = self.model(ids, cache=scratch, positions=positions)[0, -1].float()                 # (V,)
-            cache.write(slice(len(rows), len(rows) + len(take)), scratch)
-            rows += take
-            logits = torch.cat([logits, first.expand(len(take), -1)])
+            cache.write(slice(len(rows), len(rows) + len(group)), scratch)
+            rows += group
+            logits = torch.cat([logits, first.expand(len(group), -1)])
         return logits
 
-    def step(self, rows, logits, params, max_len, on_token, cache):
+    def step(self, rows, logits, params, max_len, on_token):
         """Every row's next token: sampled, then budget forcing (s1): past max_think_tokens the row is made
         to close its thinking; before min_think_tokens a "</think>" becomes "Wait". Thinking is what a row
         writes before its first "</think>" (prompts that open "<think>" count as such); a forced sequence
-        runs to its end. Rows that finished leave (the last row moves into the freed slot): yields their
-        (index, Completion), from the last slot to the first."""
-        sampled = sample_token(logits, params, [r.generator for r in rows]).tolist()
-        for slot in reversed(range(len(rows))):  # from the end: the row that moves into a freed slot is done
-            row, t = rows[slot], sampled[slot]
+        runs to its end. -> [(slot, "stop" or "length")] of the rows that finished, the last slot first."""
+        sampled, finished = sample_token(logits, params, [r.generator for r in rows]).tolist(), []
+        for slot, (row, t) in enumerate(zip(rows, sampled)):
             thinking = row.thinking and not row.forced
             if thinking and params.max_think_tokens is not None and len(row.tokens) >= params.max_think_tokens:
                 row.forced = self.tok.encode("\n") + self.think_end + self.tok.encode("\n\n" + ANSWER_CUE)
@@ -223,27 +219,28 @@ class LocalSampler:
             row.thinking = row.thinking and row.tokens[-len(self.think_end):] != self.think_end
             stop = t in self.stop_ids and not row.forced
             if stop or len(row.tokens) >= params.max_new_tokens or row.position >= max_len:
-                last = rows.pop()
-                if slot < len(rows):
-                    cache.copy_rows(len(rows), [slot], last.position)
-                    rows[slot] = last
-                ids = row.tokens[:-1] if stop else row.tokens  # the stop token is not text
-                yield row.index, Completion(text=self.tok.decode(ids), num_tokens=len(row.tokens), token_ids=row.tokens,
-                                            finish_reason="stop" if stop else "length", opened=row.opened)
+                finished.append((slot, "stop" if stop else "length"))
+        return finished[::-1]  # the last slot first: then the row that moves into a freed slot has not finished
+
+    def retire(self, rows, slot, reason, cache):
+        """A finished row leaves; the last row moves into its slot (cache included). -> (index, Completion)"""
+        row, last = rows[slot], rows.pop()
+        if slot < len(rows):
+            cache.copy_rows(len(rows), [slot], last.position)
+            rows[slot] = last
+        text = self.tok.decode(row.tokens[:-1] if reason == "stop" else row.tokens)  # the stop token is not text
+        return row.index, Completion(text, len(row.tokens), reason, token_ids=row.tokens, opened=row.opened)
 
     def decode(self, rows, cache):
         """One token for every row, each at its own position. -> logits (B, V)"""
-        B = cache.batch_size
-        ids, positions = [r.tokens[-1] for r in rows], [r.position - 1 for r in rows]
-        if self.compile:  # static shapes: all B slots, the whole cache (free slots decode junk at 0)
-            ids, positions = ids + [0] * (B - len(rows)), positions + [0] * (B - len(rows))
-            cache.rows, cache.length = B, None
+        if self.compile:  # static shapes: every slot, the whole cache (free slots decode junk at 0)
+            pad, cache.rows, cache.length = [0] * (cache.batch_size - len(rows)), cache.batch_size, None
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-        else:
-            cache.rows, cache.length = len(rows), max(positions) + 1
-        ids = torch.tensor(ids, device=self.device)[:, None]                        # (B, 1)
-        positions = torch.tensor(positions, device=self.device)[:, None]            # (B, 1)
-        logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()  # (B, V)
+        else:  # the rows in use, up to the furthest position written
+            pad, cache.rows, cache.length = [], len(rows), max(r.position for r in rows)
+        ids = torch.tensor([r.tokens[-1] for r in rows] + pad, device=self.device)[:, None]          # (B, 1)
+        positions = torch.tensor([r.position - 1 for r in rows] + pad, device=self.device)[:, None]  # (B, 1)
+        logits = self.decode_step(ids, positions=positions, cache=cache)[:len(rows), -1].float()    # (B, V)
         return logits.clone() if self.compile else logits  # a CUDA graph's output is overwritten by its next replay
 
     def cache(self, B, max_len):
@@ -345,11 +342,8 @@ class EndpointSampler:
                 if not pending:
                     return
                 for fut in wait(pending, return_when=FIRST_COMPLETED).done:
-                    i = pending.pop(fut)
-                    if errors == "yield" and isinstance(fut.exception(), EndpointError):
-                        yield i, fut.exception()
-                    else:
-                        yield i, fut.result()  # raises what the request raised
+                    i, error = pending.pop(fut), fut.exception()  # fut.result() raises what the request raised
+                    yield i, (error if errors == "yield" and isinstance(error, EndpointError) else fut.result())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -366,11 +360,10 @@ class EndpointSampler:
     def _complete(self, req, params):
         """One request with retries: connection errors, timeouts, 408/409/429 and 5xx are asked again after
         exponential backoff with jitter, or after the server's Retry-After; other statuses fail at once."""
-        payload = json.dumps(self._payload(req, params)).encode()
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self._key}"} if self._key else {})
+        request = urllib.request.Request(self.url, json.dumps(self._payload(req, params)).encode(), headers)  # with data: a POST
         for attempt in range(1, self.max_attempts + 1):
             try:
-                request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                     return self._parse(resp.read(), attempt)  # its EndpointError is not caught below
             except urllib.error.HTTPError as e:
@@ -391,14 +384,13 @@ class EndpointSampler:
         or reasoning (OpenRouter, newer vLLM); <think> tags in the content are left in the text."""
         try:
             reply = json.loads(raw)
-            choice = reply["choices"][0]
-            message = choice["message"]
+            message = reply["choices"][0]["message"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise EndpointError(f"malformed reply from {self.url} (no JSON with choices[0].message): "
                                 f"{self.scrub(raw[:200].decode(errors='replace'))}", 200, attempt) from None
         usage = reply.get("usage") or {}
         return Completion(text=message.get("content") or "", num_tokens=int(usage.get("completion_tokens") or 0),
-                          finish_reason=choice.get("finish_reason") or "unknown", usage=usage,
+                          finish_reason=reply["choices"][0].get("finish_reason") or "unknown", usage=usage,
                           reasoning=message.get("reasoning_content") or message.get("reasoning") or None)
 
     def scrub(self, text):
@@ -452,7 +444,17 @@ def make_sampler(model=None, base_url=None, api_model=None, device="auto", dtype
         raise ValueError("--base-url needs --api-model (the model name the server expects)")
     if api_key_env is not None and not os.environ.get(api_key_env):
         raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
-    check_reachable(base_url)
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UserError(f"{base_url}: not an http(s):// URL")
+    # connect once to the endpoint's host, or to the proxy urllib would use for it
+    proxy = urllib.request.getproxies().get(url.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:  # a timeout has no strerror: its text is "timed out"
+        raise UserError(f"{base_url}: cannot connect to {host}:{port} ({e.strerror or e}): is the server up?") from None
     return EndpointSampler(base_url, api_model, concurrency=concurrency, timeout=timeout,
                            api_key_env=api_key_env or "OPENAI_API_KEY", chat_template_kwargs=chat_template_kwargs)
 
@@ -464,21 +466,6 @@ def sampler_from_args(args):
         return make_sampler(**{k: getattr(args, k) for k in inspect.signature(make_sampler).parameters})
 
 
-def check_reachable(base_url, timeout=10):
-    """Connect once to the endpoint's host (or to the proxy urllib would use for it)."""
-    url = urllib.parse.urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UserError(f"{base_url}: not an http(s):// URL")
-    proxy = urllib.request.getproxies().get(url.scheme)
-    target = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname) else url
-    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
-    try:
-        socket.create_connection(address, timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{base_url}: cannot connect to {address[0]}:{address[1]} "
-                        f"({e.strerror or type(e).__name__}): is the server up?") from None
-
-
 def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeout=600.0, distill=False):
     """The flags every script that samples shares (sample.py, eval_aime.py, distill.py). distill.py names
     the model or URL --teacher (no --base-url) and the length limit --max-tokens (--max-new-tokens too)."""
@@ -488,8 +475,7 @@ def add_sampling_args(p, temperature=0.6, top_p=1.0, max_new_tokens=1024, timeou
     p.add_argument("--min-p", type=number(0, 1, float), default=0.0, help="keep tokens >= min_p x the top probability")
     p.add_argument(*(["--max-tokens", "--max-new-tokens"] if distill else ["--max-new-tokens"]), dest="max_new_tokens",
                    metavar="N", type=number(1), default=max_new_tokens, help="at most N tokens, reasoning included")
-    p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + an answer cue after N "
-                   "thinking tokens (local models)")
+    p.add_argument("--max-think-tokens", type=number(0), help="force '</think>' + answer cue after N thinking tokens")
     p.add_argument("--min-think-tokens", type=number(0), help="replace an earlier '</think>' by 'Wait' (local models)")
     p.add_argument("--seed", type=int, default=0, help="completion j of a prompt uses seed + j")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local models")
@@ -525,9 +511,9 @@ def main(argv=None):
     if not args.prompt.strip():
         p.error("--prompt is empty")
     sampler = sampler_from_args(args)
-    chat = args.chat or args.base_url is not None
-    # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs)
-    requests = [Request.user(args.prompt, args.seed + j, raw=not chat) for j in range(args.num_samples)]
+    # completion j gets seed + j (the --seed contract of this command; eval_aime and distill hash theirs); an endpoint
+    # sends a raw prompt as the user turn, as --chat does
+    requests = [Request.user(args.prompt, args.seed + j, raw=not args.chat) for j in range(args.num_samples)]
     stream = not args.json and args.num_samples == 1 and args.temperature == 0 and args.base_url is None
     shown, printed = [], 0
     def on_token(i, t):  # print the text as it grows; decode the whole tail so multi-byte characters come out whole
